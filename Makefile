@@ -1,0 +1,50 @@
+# The two entry points: `make up` and `make test`. See README.md.
+SHELL := /bin/bash
+CARGO ?= cargo
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+
+.PHONY: up build test deps test-deps fmt clippy unit metrics-check bench-smoke bench bench-quick clean
+
+deps:
+	./scripts/install-deps.sh
+
+test-deps:
+	./scripts/install-deps.sh --test
+
+build: deps
+	$(CARGO) build --release --workspace --bins
+
+## Builds in release and runs a local cluster (Ctrl-C stops it).
+up: build
+	$(TARGET_DIR)/release/sov up --data sov-data
+
+fmt:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) build --workspace --bins
+	$(CARGO) nextest run --workspace --no-fail-fast
+
+metrics-check:
+	BIN_DIR=$(TARGET_DIR)/debug ./scripts/check-metrics.sh
+
+bench-smoke:
+	$(TARGET_DIR)/debug/sov-bench storaged --quick
+
+## Installs what the tests need, then every gate: fmt, clippy, tests, promtool, bench smoke.
+test: test-deps fmt clippy unit metrics-check bench-smoke
+
+## Storage node benchmark against the raw disk (release build).
+bench: deps
+	$(CARGO) build --release -p storaged -p sov-bench
+	$(TARGET_DIR)/release/sov-bench storaged
+
+bench-quick: deps
+	$(CARGO) build --release -p storaged -p sov-bench
+	$(TARGET_DIR)/release/sov-bench storaged --quick
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,40 @@
+//! sov-bench: benchmark programs for sov, one subcommand each, every one reporting a ratio
+//! against a baseline measured in the same run.
+
+mod payload;
+mod rawdisk;
+mod report;
+mod storaged;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Benchmarks for sov; each reports sov against a baseline run in the same process.
+#[derive(Debug, Parser)]
+#[command(name = "sov-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Chunk PUT/GET throughput of one storaged against pwrite/pread on the same disk with
+    /// the same number of fdatasyncs.
+    Storaged(storaged::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Storaged(args) => storaged::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sov-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

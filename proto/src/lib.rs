@@ -1,0 +1,7 @@
+//! gRPC definitions (tonic/prost) shared by the sov daemons. No logic lives here.
+
+/// The storage node API (`sov.storaged.v1`).
+pub mod storaged {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("sov.storaged.v1");
+}

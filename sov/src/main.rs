@@ -1,0 +1,99 @@
+//! `sov`, the admin CLI: `sov up` starts a local cluster; `sov debug chunk ...` exercises one
+//! storage node by hand. Every command takes `--output json` for scripts.
+
+mod chunk;
+mod up;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+/// The sov admin CLI.
+#[derive(Debug, Parser)]
+#[command(name = "sov", version, about)]
+struct Cli {
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Start a local cluster of real processes and stop it on Ctrl-C.
+    Up(up::UpArgs),
+    /// Low-level tools for operators and tests.
+    Debug {
+        #[command(subcommand)]
+        cmd: DebugCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DebugCmd {
+    /// Chunk operations against one storaged.
+    Chunk {
+        #[command(subcommand)]
+        cmd: chunk::ChunkCmd,
+    },
+    /// Capacity, usage and health of one storaged.
+    NodeInfo(chunk::NodeArgs),
+    /// Chunks one storaged found corrupt.
+    Corrupt(chunk::NodeArgs),
+}
+
+/// A failure with the exit code it maps to.
+#[derive(Debug)]
+pub struct CliError {
+    pub code: u8,
+    pub message: String,
+}
+
+impl CliError {
+    pub fn new(code: u8, message: impl Into<String>) -> CliError {
+        CliError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for CliError {
+    fn from(e: anyhow::Error) -> Self {
+        CliError::new(1, format!("{e:#}"))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("starting the tokio runtime");
+    let out = cli.output;
+    let r = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Up(args) => up::run(args, out).await,
+            Cmd::Debug { cmd } => match cmd {
+                DebugCmd::Chunk { cmd } => chunk::run(cmd, out).await,
+                DebugCmd::NodeInfo(a) => chunk::node_info(a, out).await,
+                DebugCmd::Corrupt(a) => chunk::corrupt(a, out).await,
+            },
+        }
+    });
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sov: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}

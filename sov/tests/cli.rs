@@ -1,0 +1,152 @@
+//! The `sov` binary against real storaged processes: `debug chunk` round trips, exit codes,
+//! and `sov up` starting and stopping a local cluster.
+
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sov_testkit::{Storaged, TestDir, http_get};
+
+fn sov(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sov"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running sov");
+    {
+        let mut si = child.stdin.take().unwrap();
+        if let Some(b) = stdin {
+            si.write_all(b).unwrap();
+        }
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).trim().to_string()
+}
+
+#[test]
+fn debug_chunk_round_trip_and_exit_codes() {
+    let dir = TestDir::new("cli");
+    let disk = dir.path().join("disk");
+    let node = Storaged::start(dir.path(), &[disk.clone()], &["--no-scrub"]).unwrap();
+    let addr = node.addr();
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+
+    let out = sov(&["debug", "chunk", "put", "--storaged", &addr], Some(&data));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout);
+    assert_eq!(id, blake3::hash(&data).to_hex().to_string(), "content-addressed id");
+
+    let out = sov(&["debug", "chunk", "get", "--storaged", &addr, &id], None);
+    assert!(out.status.success());
+    assert_eq!(out.stdout, data);
+
+    let out = sov(
+        &["debug", "chunk", "get", "--storaged", &addr, &id, "--offset", "10", "--length", "5"],
+        None,
+    );
+    assert_eq!(out.stdout, data[10..15]);
+
+    let out = sov(
+        &["--output", "json", "debug", "chunk", "stat", "--storaged", &addr, &id],
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["length"], 300_000);
+
+    let out = sov(&["debug", "chunk", "put", "--storaged", &addr, "--id", "named/1"], Some(b"hi"));
+    assert_eq!(text(&out.stdout), "named/1");
+    let out = sov(&["--output", "json", "debug", "chunk", "list", "--storaged", &addr], None);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2);
+
+    let out = sov(&["--output", "json", "debug", "node-info", "--storaged", &addr], None);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["disks"][0]["chunks"], 2);
+
+    // Missing chunk: exit 4 with the reason.
+    let out = sov(&["debug", "chunk", "get", "--storaged", &addr, "nope"], None);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(text(&out.stderr).contains("not found"), "{}", text(&out.stderr));
+
+    // Rotten chunk: exit 3, reason on stderr, nothing on stdout.
+    let seg = std::fs::read_dir(disk.join("segments")).unwrap().next().unwrap().unwrap().path();
+    let f = std::fs::OpenOptions::new().write(true).open(seg).unwrap();
+    f.write_all_at(&[0x55], 56 + 64 + 1000).unwrap();
+    let out = sov(&["debug", "chunk", "get", "--storaged", &addr, &id], None);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(out.stdout.is_empty());
+    assert!(text(&out.stderr).contains("failed verification"), "{}", text(&out.stderr));
+    let out = sov(&["--output", "json", "debug", "corrupt", "--storaged", &addr], None);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["id"], id.as_str());
+
+    let out = sov(&["debug", "chunk", "delete", "--storaged", &addr, "named/1"], None);
+    assert!(out.status.success());
+    assert!(text(&out.stdout).contains("deleted named/1"));
+
+    // Unreachable node: a clear message and a non-zero exit, not a hang.
+    let out = sov(&["debug", "chunk", "stat", "--storaged", "127.0.0.1:1", "x"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("cannot reach"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn sov_up_starts_and_stops_a_cluster() {
+    let dir = TestDir::new("up");
+    let data = dir.path().join("data");
+    let base = 20_000 + (std::process::id() % 20_000) as u16;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sov"))
+        .args(["up", "--storage-nodes", "3", "--zones", "3", "--data"])
+        .arg(&data)
+        .args(["--storaged-base-port", &base.to_string()])
+        .args(["--metrics-base-port", &(base + 100).to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let cluster = data.join("cluster.json");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !cluster.exists() {
+        if let Some(s) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            panic!("sov up exited {s}: {}", text(&out.stderr));
+        }
+        assert!(Instant::now() < deadline, "sov up did not write cluster.json");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cluster).unwrap()).unwrap();
+    let procs = v["processes"].as_array().unwrap();
+    assert_eq!(procs.len(), 3);
+    assert_eq!(procs[0]["name"], "storaged-1");
+    assert_eq!(procs[2]["zone"], "zone-3");
+    for url in v["metrics"].as_array().unwrap() {
+        let m = http_get(url.as_str().unwrap()).unwrap();
+        assert!(m.contains("storaged_requests_total") || m.contains("storaged_disk_free_bytes"));
+    }
+    let addr = v["storaged_endpoints"][0].as_str().unwrap().to_string();
+    let out = sov(&["debug", "chunk", "put", "--storaged", &addr, "--id", "up/1"], Some(b"x"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // SAFETY: signalling the child we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "sov up did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}");
+    for p in procs {
+        let pid = p["pid"].as_u64().unwrap() as i32;
+        // SAFETY: signal 0 only checks whether the pid exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        assert!(!alive, "{} still running after sov up stopped", p["name"]);
+    }
+}

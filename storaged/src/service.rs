@@ -1,0 +1,391 @@
+//! The gRPC `ChunkStore` service: request validation, streaming, admission control and
+//! per-operation metrics over the [`Store`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::Stream;
+use sov_proto::storaged as pb;
+use sov_proto::storaged::chunk_store_server::ChunkStore;
+use tokio::sync::Semaphore;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::StoreError;
+use crate::metrics::Metrics;
+use crate::store::{Store, validate_id};
+
+/// Bytes per frame of a Get stream.
+pub const FRAME: usize = 1 << 20;
+/// Admission control counts Put memory in units of this many bytes.
+const MEMORY_UNIT: u64 = 64 << 10;
+
+/// Who this node is, for NodeInfo.
+#[derive(Debug, Clone)]
+pub struct NodeIdent {
+    pub node_id: String,
+    pub zone: String,
+    pub io_engine: String,
+}
+
+/// The service state.
+pub struct ChunkService {
+    store: Arc<Store>,
+    metrics: Metrics,
+    put_memory: Arc<Semaphore>,
+    idle_timeout: Duration,
+    ident: NodeIdent,
+    draining: Arc<AtomicBool>,
+}
+
+impl ChunkService {
+    pub fn new(
+        store: Arc<Store>,
+        metrics: Metrics,
+        put_memory: u64,
+        idle_timeout: Duration,
+        ident: NodeIdent,
+        draining: Arc<AtomicBool>,
+    ) -> ChunkService {
+        let units = (put_memory / MEMORY_UNIT).clamp(1, Semaphore::MAX_PERMITS as u64) as usize;
+        ChunkService {
+            store,
+            metrics,
+            put_memory: Arc::new(Semaphore::new(units)),
+            idle_timeout,
+            ident,
+            draining,
+        }
+    }
+
+    fn record(&self, op: &str, start: Instant, code: &str) {
+        self.metrics
+            .requests
+            .with_label_values(&[op, code])
+            .inc();
+        self.metrics
+            .request_seconds
+            .with_label_values(&[op])
+            .observe(start.elapsed().as_secs_f64());
+    }
+
+    fn finish<T>(&self, op: &str, start: Instant, r: Result<T, StoreError>) -> Result<T, Status> {
+        match r {
+            Ok(v) => {
+                self.record(op, start, "ok");
+                Ok(v)
+            }
+            Err(e) => {
+                self.record(op, start, e.code());
+                Err(e.to_status())
+            }
+        }
+    }
+
+    async fn next_msg(
+        &self,
+        stream: &mut Streaming<pb::PutRequest>,
+    ) -> Result<Option<pb::PutRequest>, StoreError> {
+        match tokio::time::timeout(self.idle_timeout, stream.message()).await {
+            Err(_) => Err(StoreError::InvalidArgument(format!(
+                "put stream idle for {:?}; aborted",
+                self.idle_timeout
+            ))),
+            Ok(Err(status)) => Err(StoreError::InvalidArgument(format!(
+                "put stream broken: {}",
+                status.message()
+            ))),
+            Ok(Ok(m)) => Ok(m),
+        }
+    }
+
+    async fn do_put(
+        &self,
+        mut stream: Streaming<pb::PutRequest>,
+    ) -> Result<pb::PutResponse, StoreError> {
+        let header = match self.next_msg(&mut stream).await? {
+            Some(pb::PutRequest {
+                msg: Some(pb::put_request::Msg::Header(h)),
+            }) => h,
+            Some(_) => {
+                return Err(StoreError::InvalidArgument(
+                    "the first message of a put must be its header".into(),
+                ));
+            }
+            None => return Err(StoreError::InvalidArgument("empty put stream".into())),
+        };
+        validate_id(&header.id)?;
+        let max = self.store.max_chunk_size;
+        if header.length > max {
+            return Err(StoreError::TooLarge {
+                len: header.length,
+                max,
+            });
+        }
+        let expected: Option<[u8; 32]> = match header.expected_blake3.len() {
+            0 => None,
+            32 => Some(header.expected_blake3[..].try_into().expect("32 bytes")),
+            n => {
+                return Err(StoreError::InvalidArgument(format!(
+                    "expected_blake3 must be 32 bytes, got {n}"
+                )));
+            }
+        };
+        let units = header.length.div_ceil(MEMORY_UNIT).max(1) as u32;
+        let _permit = self
+            .put_memory
+            .acquire_many(units)
+            .await
+            .map_err(|_| StoreError::ShuttingDown)?;
+        let length = header.length as usize;
+        let mut buf = BytesMut::with_capacity(length);
+        let mut hasher = blake3::Hasher::new();
+        while let Some(msg) = self.next_msg(&mut stream).await? {
+            match msg.msg {
+                Some(pb::put_request::Msg::Data(d)) => {
+                    if buf.len() + d.len() > length {
+                        return Err(StoreError::InvalidArgument(format!(
+                            "put stream carries more than the declared {length} bytes"
+                        )));
+                    }
+                    hasher.update(&d);
+                    buf.extend_from_slice(&d);
+                }
+                _ => {
+                    return Err(StoreError::InvalidArgument(
+                        "only data may follow the header of a put".into(),
+                    ));
+                }
+            }
+        }
+        if buf.len() < length {
+            return Err(StoreError::InvalidArgument(format!(
+                "truncated put stream: got {} of {length} bytes",
+                buf.len()
+            )));
+        }
+        let hash = *hasher.finalize().as_bytes();
+        if let Some(e) = expected
+            && e != hash
+        {
+            return Err(StoreError::InvalidArgument(format!(
+                "data does not match expected_blake3 (expected {}, got {})",
+                hex::encode(e),
+                hex::encode(hash)
+            )));
+        }
+        self.metrics.received_bytes.inc_by(length as u64);
+        let (loc, disk) = self.store.put(header.id.clone(), buf.freeze(), hash).await?;
+        Ok(pb::PutResponse {
+            id: header.id,
+            length: loc.data_len,
+            blake3: Bytes::copy_from_slice(&loc.blake3),
+            disk,
+        })
+    }
+}
+
+fn info(id: &str, loc: &crate::index::Location, disk: &str, off: u64, len: u64) -> pb::ChunkInfo {
+    pb::ChunkInfo {
+        id: id.to_string(),
+        length: loc.data_len,
+        blake3: Bytes::copy_from_slice(&loc.blake3),
+        disk: disk.to_string(),
+        range_offset: off,
+        range_length: len,
+    }
+}
+
+type GetStream = Pin<Box<dyn Stream<Item = Result<pb::GetResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ChunkStore for ChunkService {
+    #[tracing::instrument(skip_all)]
+    async fn put(
+        &self,
+        request: Request<Streaming<pb::PutRequest>>,
+    ) -> Result<Response<pb::PutResponse>, Status> {
+        let start = Instant::now();
+        let r = self.do_put(request.into_inner()).await;
+        self.finish("put", start, r).map(Response::new)
+    }
+
+    type GetStream = GetStream;
+
+    #[tracing::instrument(skip_all)]
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<GetStream>, Status> {
+        let start = Instant::now();
+        let req = request.into_inner();
+        let r = async {
+            let (loc, disk, data) = self.store.get(&req.id).await?;
+            let size = data.len() as u64;
+            let len = if req.length == 0 {
+                size.checked_sub(req.offset)
+            } else {
+                req.offset
+                    .checked_add(req.length)
+                    .filter(|end| *end <= size)
+                    .map(|_| req.length)
+            };
+            let Some(len) = len else {
+                return Err(StoreError::InvalidRange {
+                    offset: req.offset,
+                    length: req.length,
+                    size,
+                });
+            };
+            let body = data.slice(req.offset as usize..(req.offset + len) as usize);
+            Ok((info(&req.id, &loc, &disk, req.offset, len), body))
+        }
+        .await;
+        let (head, body) = self.finish("get", start, r)?;
+        self.metrics.sent_bytes.inc_by(body.len() as u64);
+        let mut msgs = vec![Ok(pb::GetResponse {
+            msg: Some(pb::get_response::Msg::Info(head)),
+        })];
+        let mut at = 0;
+        while at < body.len() {
+            let end = (at + FRAME).min(body.len());
+            msgs.push(Ok(pb::GetResponse {
+                msg: Some(pb::get_response::Msg::Data(body.slice(at..end))),
+            }));
+            at = end;
+        }
+        Ok(Response::new(Box::pin(futures::stream::iter(msgs))))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let start = Instant::now();
+        let r = self.store.delete(&request.into_inner().id).await;
+        self.finish("delete", start, r)
+            .map(|_| Response::new(pb::DeleteResponse {}))
+    }
+
+    async fn stat(
+        &self,
+        request: Request<pb::StatRequest>,
+    ) -> Result<Response<pb::ChunkInfo>, Status> {
+        let start = Instant::now();
+        let id = request.into_inner().id;
+        let r = self
+            .store
+            .stat(&id)
+            .map(|(loc, disk)| info(&id, &loc, &disk, 0, loc.data_len));
+        self.finish("stat", start, r).map(Response::new)
+    }
+
+    async fn list(
+        &self,
+        request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let start = Instant::now();
+        let req = request.into_inner();
+        let r = (|| {
+            if req.limit > 10_000 {
+                return Err(StoreError::InvalidArgument(format!(
+                    "limit {} is above 10000",
+                    req.limit
+                )));
+            }
+            let limit = if req.limit == 0 { 1000 } else { req.limit } as usize;
+            let (page, more) = self.store.list(&req.prefix, &req.start_after, limit)?;
+            let next = if more {
+                page.last().map(|l| l.id.clone()).unwrap_or_default()
+            } else {
+                String::new()
+            };
+            Ok(pb::ListResponse {
+                entries: page
+                    .into_iter()
+                    .map(|l| pb::ListEntry {
+                        id: l.id,
+                        length: l.loc.data_len,
+                        blake3: Bytes::copy_from_slice(&l.loc.blake3),
+                    })
+                    .collect(),
+                next_start_after: next,
+            })
+        })();
+        self.finish("list", start, r).map(Response::new)
+    }
+
+    async fn list_corrupt(
+        &self,
+        _request: Request<pb::ListCorruptRequest>,
+    ) -> Result<Response<pb::ListCorruptResponse>, Status> {
+        let start = Instant::now();
+        let r = self.store.corrupt().map(|v| pb::ListCorruptResponse {
+            chunks: v
+                .into_iter()
+                .map(|(id, disk, rec)| pb::CorruptChunk {
+                    id,
+                    disk,
+                    reason: rec.reason,
+                    found_at: rec.found_at,
+                    found_by: rec.found_by,
+                })
+                .collect(),
+        });
+        self.finish("list_corrupt", start, r).map(Response::new)
+    }
+
+    async fn node_info(
+        &self,
+        _request: Request<pb::NodeInfoRequest>,
+    ) -> Result<Response<pb::NodeInfoResponse>, Status> {
+        let start = Instant::now();
+        let store = self.store.clone();
+        let disks = tokio::task::spawn_blocking(move || {
+            store
+                .disks()
+                .iter()
+                .map(|d| {
+                    let s = d.stats();
+                    let scrub = d.scrub_state();
+                    let corrupt = d.index().corrupt().map(|v| v.len()).unwrap_or(0);
+                    pb::DiskInfo {
+                        path: d.name().to_string(),
+                        capacity_bytes: s.space.capacity,
+                        used_bytes: s.space.used,
+                        free_bytes: s.space.available,
+                        live_bytes: s.live_bytes,
+                        segment_bytes: s.segment_bytes,
+                        chunks: s.chunks,
+                        health: s.health,
+                        corrupt_chunks: corrupt as u64,
+                        scrub_passes: scrub.passes,
+                        scrub_checked: scrub.checked_in_pass,
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Status::internal(format!("node info task failed: {e}")))?;
+        let health = if self.draining.load(Ordering::Relaxed) {
+            "draining"
+        } else if disks.iter().any(|d| d.health != "ok") {
+            "degraded"
+        } else {
+            "ok"
+        };
+        self.record("node_info", start, "ok");
+        Ok(Response::new(pb::NodeInfoResponse {
+            node_id: self.ident.node_id.clone(),
+            zone: self.ident.zone.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            io_engine: self.ident.io_engine.clone(),
+            disks,
+            max_chunk_size: self.store.max_chunk_size,
+            health: health.to_string(),
+        }))
+    }
+}

@@ -1,0 +1,339 @@
+//! Test harness: starts real sov binaries in temp dirs on free ports, waits until they are
+//! ready, kills their whole process group, and keeps their logs when a test fails.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use sov_proto::storaged::chunk_store_client::ChunkStoreClient;
+use tonic::transport::Channel;
+
+/// Where the workspace's binaries are: `$SOV_BIN_DIR`, else the target profile directory of
+/// the running test (`target/<profile>/deps/..`).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("SOV_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    let dir = exe.parent().expect("the test binary is in a directory");
+    if dir.ends_with("deps") {
+        dir.parent().expect("deps has a parent").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// The path of a workspace binary, failing loudly if it was not built.
+pub fn bin_path(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace)",
+        p.display()
+    );
+    p
+}
+
+/// A child process in its own process group, with stdout and stderr in a log file.
+pub struct Process {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Process {
+    /// Starts `program args...` with its output appended to `log`.
+    pub fn spawn(name: &str, program: &Path, args: &[String], log: &Path) -> anyhow::Result<Process> {
+        use std::os::unix::process::CommandExt;
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        Ok(Process {
+            name: name.to_string(),
+            child: Some(child),
+            log: log.to_path_buf(),
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// The exit status if the process has ended.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    fn signal_group(&self, sig: i32) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: kill(2) with a negative pid signals the process group we created.
+            unsafe {
+                libc::kill(-(pid as i32), sig);
+            }
+        }
+    }
+
+    /// SIGKILL to the whole group, then reap.
+    pub fn kill9(&mut self) {
+        self.signal_group(libc::SIGKILL);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait up to `timeout` for the exit; SIGKILL after that.
+    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        self.signal_group(libc::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(s) = self.try_wait() {
+                self.child.take();
+                return Ok(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+        bail!("{} did not exit within {timeout:?} of SIGTERM", self.name)
+    }
+
+    /// The last `n` lines of the log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.kill9();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- {} log ({}) ----\n{}\n----",
+                self.name,
+                self.log.display(),
+                self.log_tail(60)
+            );
+        }
+    }
+}
+
+/// What storaged writes to its `--ready-file`.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Ready {
+    pub listen: std::net::SocketAddr,
+    pub metrics_listen: std::net::SocketAddr,
+    pub pid: u32,
+    pub node_id: String,
+    pub io_engine: String,
+}
+
+/// Waits for `path` to hold a JSON `T`, while `proc` is alive.
+pub fn wait_ready<T: serde::de::DeserializeOwned>(
+    proc: &mut Process,
+    path: &Path,
+    timeout: Duration,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(bytes) = std::fs::read(path)
+            && let Ok(v) = serde_json::from_slice(&bytes)
+        {
+            return Ok(v);
+        }
+        if let Some(status) = proc.try_wait() {
+            bail!(
+                "{} exited with {status} before it was ready:\n{}",
+                proc.name,
+                proc.log_tail(30)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} not ready after {timeout:?}:\n{}",
+                proc.name,
+                proc.log_tail(30)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running storaged.
+pub struct Storaged {
+    pub proc: Process,
+    pub ready: Ready,
+    pub work: PathBuf,
+    pub disks: Vec<PathBuf>,
+    args: Vec<String>,
+    starts: u32,
+}
+
+impl Storaged {
+    /// Starts storaged on `disks` with `extra` flags; logs and the ready file go in `work`.
+    pub fn start(work: &Path, disks: &[PathBuf], extra: &[&str]) -> anyhow::Result<Storaged> {
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+        ];
+        for d in disks {
+            args.push("--disk".into());
+            args.push(d.display().to_string());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let (proc, ready) = Self::launch(work, &args, 1)?;
+        Ok(Storaged {
+            proc,
+            ready,
+            work: work.to_path_buf(),
+            disks: disks.to_vec(),
+            args,
+            starts: 1,
+        })
+    }
+
+    fn launch(work: &Path, args: &[String], n: u32) -> anyhow::Result<(Process, Ready)> {
+        std::fs::create_dir_all(work)?;
+        let ready_file = work.join(format!("storaged-ready-{n}.json"));
+        let _ = std::fs::remove_file(&ready_file);
+        let mut all = args.to_vec();
+        all.push("--ready-file".into());
+        all.push(ready_file.display().to_string());
+        let mut proc = Process::spawn(
+            "storaged",
+            &bin_path("storaged"),
+            &all,
+            &work.join("storaged.log"),
+        )?;
+        let ready = wait_ready(&mut proc, &ready_file, Duration::from_secs(120))?;
+        Ok((proc, ready))
+    }
+
+    /// Starts it again with the same disks and flags (new ports), after a kill or a stop.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.proc.kill9();
+        self.starts += 1;
+        let (proc, ready) = Self::launch(&self.work, &self.args, self.starts)?;
+        self.proc = proc;
+        self.ready = ready;
+        Ok(())
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.ready.listen)
+    }
+
+    pub fn addr(&self) -> String {
+        self.ready.listen.to_string()
+    }
+
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}/metrics", self.ready.metrics_listen)
+    }
+
+    /// A gRPC client, connected.
+    pub async fn client(&self) -> anyhow::Result<ChunkStoreClient<Channel>> {
+        let ch = Channel::from_shared(self.endpoint())?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await?;
+        Ok(ChunkStoreClient::new(ch)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20))
+    }
+
+    pub fn kill9(&mut self) {
+        self.proc.kill9();
+    }
+
+    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        self.proc.terminate(timeout)
+    }
+}
+
+/// Fetches a URL over plain HTTP/1.0 (enough for /metrics on loopback) and returns the body.
+pub fn http_get(url: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let rest = url
+        .strip_prefix("http://")
+        .context("only http:// URLs are supported")?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut s = std::net::TcpStream::connect(host)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .context("no header/body split in the response")?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {url}: {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.to_string())
+}
+
+/// Reads one sample value from Prometheus text (`name{labels} value`); sums matching series
+/// when `labels_contain` matches several.
+pub fn metric_value(text: &str, name: &str, labels_contain: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let series_name = series.split('{').next().unwrap_or("");
+        if series_name == name && series.contains(labels_contain) {
+            let v: f64 = value.parse().ok()?;
+            found = Some(found.unwrap_or(0.0) + v);
+        }
+    }
+    found
+}
+
+/// A temp dir that is kept (and its path printed) when the test panics.
+pub struct TestDir {
+    dir: Option<tempfile::TempDir>,
+}
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("sov-test-{name}-"))
+            .tempdir()
+            .expect("creating a temp dir");
+        TestDir { dir: Some(dir) }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.as_ref().expect("present until drop").path()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(d) = self.dir.take()
+        {
+            eprintln!("test files kept in {}", d.keep().display());
+        }
+    }
+}
