@@ -239,6 +239,12 @@ mod tests {
         );
     }
 
+    // Format v1 of key 00..1f, nonce 00..0b, aad "chunk-1", plaintext "sovereign".
+    // The stored bytes were cross-checked against Python's `cryptography` AESGCM.
+    const KAT_STORED: &str =
+        "01000102030405060708090a0b346da07eb780ab7ce3091810d26b37d6c93dabe84343afc0fc";
+    const KAT_BLAKE3: &str = "f200d90256f6e7b4245eafa1603a4c33ef47c93dbf28466a7e3929e96ca56c49";
+
     #[test]
     fn format_v1_known_answer() {
         // Computed once and pinned: any change to the stored format must break this test.
@@ -248,10 +254,6 @@ mod tests {
         let opened = open(&key, b"chunk-1", &sealed.bytes, &sealed.blake3).expect("open");
         assert_eq!(opened, b"sovereign");
     }
-
-    const KAT_STORED: &str =
-        "01000102030405060708090a0b346da07eb780ab7ce3091810d26b37d6c93dabe84343afc0fc";
-    const KAT_BLAKE3: &str = "";
 
     #[test]
     fn stored_layout() {

@@ -136,7 +136,7 @@ impl fmt::Display for ByteSize {
         let bytes = self.0;
         if bytes != 0 {
             for &(name, unit) in SIZE_DISPLAY {
-                if bytes % unit == 0 {
+                if bytes.is_multiple_of(unit) {
                     return write!(f, "{}{name}", bytes / unit);
                 }
             }
@@ -182,7 +182,7 @@ impl fmt::Display for HumanDuration {
         let (name, unit) = DURATION_DISPLAY
             .iter()
             .map(|&(name, unit)| (name, u128::from(unit)))
-            .find(|&(_, unit)| nanos % unit == 0)
+            .find(|&(_, unit)| nanos.is_multiple_of(unit))
             .expect("every duration is a whole number of nanoseconds");
         write!(f, "{}{name}", nanos / unit)
     }
@@ -333,7 +333,7 @@ fn scaled(number: &str, scale: u64, base: &'static str) -> Result<u128, UnitProb
     let denominator = 10u128.pow(digits);
     let common = gcd(scale, denominator);
     let (scale, denominator) = (scale / common, denominator / common);
-    if numerator % denominator != 0 {
+    if !numerator.is_multiple_of(denominator) {
         return Err(UnitProblem::NotWhole(base));
     }
     // numerator / denominator * scale < scale (the fraction is below one), so no overflow.

@@ -779,7 +779,6 @@ enum Planned {
         id: String,
         loc: Location,
         prev: Option<Location>,
-        data: Bytes,
         reply: oneshot::Sender<Result<Location, StoreError>>,
     },
     Delete {
@@ -793,7 +792,6 @@ enum Planned {
         id: String,
         loc: Location,
         from: Location,
-        data: Bytes,
         reply: oneshot::Sender<Result<bool, StoreError>>,
     },
 }
@@ -971,20 +969,21 @@ impl Writer {
                     blake3,
                     reply,
                 } => {
+                    let data_len = data.len() as u64;
                     bufs.push(Bytes::from(record::encode_head(
                         RecordKind::Put,
                         id.as_bytes(),
-                        data.len() as u64,
+                        data_len,
                         &blake3,
                     )));
                     if !data.is_empty() {
-                        bufs.push(data.clone());
+                        bufs.push(data);
                     }
                     let loc = Location {
                         segment: seg,
                         offset: off,
                         id_len: id.len() as u16,
-                        data_len: data.len() as u64,
+                        data_len,
                         blake3,
                     };
                     overlay.insert(id.clone(), Some(loc));
@@ -992,7 +991,6 @@ impl Writer {
                         id,
                         loc,
                         prev,
-                        data,
                         reply,
                     });
                 }
@@ -1025,7 +1023,7 @@ impl Writer {
                         &from.blake3,
                     )));
                     if !data.is_empty() {
-                        bufs.push(data.clone());
+                        bufs.push(data);
                     }
                     let loc = Location {
                         segment: seg,
@@ -1037,7 +1035,6 @@ impl Writer {
                         id,
                         loc,
                         from,
-                        data,
                         reply,
                     });
                 }
@@ -1153,18 +1150,13 @@ impl Writer {
         for p in planned {
             match p {
                 Planned::Put {
-                    loc,
-                    prev,
-                    reply,
-                    data,
-                    ..
+                    loc, prev, reply, ..
                 } => {
                     acct.add_live(loc.segment, loc.record_len());
                     match prev {
                         Some(p) => acct.sub_live(p.segment, p.record_len()),
                         None => acct.chunks += 1,
                     }
-                    drop(data);
                     let _ = reply.send(Ok(loc));
                 }
                 Planned::Delete {
