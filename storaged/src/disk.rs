@@ -122,6 +122,8 @@ struct Inner {
     segments: RwLock<BTreeMap<u64, Arc<File>>>,
     acct: Mutex<Accounting>,
     failed: Mutex<Option<String>>,
+    /// The last data write was refused for lack of space (cleared by the next one that fits).
+    refused_for_space: std::sync::atomic::AtomicBool,
     scrub: Mutex<ScrubState>,
 }
 
@@ -251,6 +253,7 @@ impl Disk {
                 checkpoint_segment: 1,
             }),
             failed: Mutex::new(None),
+            refused_for_space: std::sync::atomic::AtomicBool::new(false),
             scrub: Mutex::new(scrub),
         });
         let (active, offset) = recover(&inner).with_context(|| format!("recovery of {name}"))?;
@@ -404,7 +407,12 @@ impl Disk {
         let acct = self.inner.acct.lock().expect("accounting lock");
         let health = if let Some(reason) = self.inner.failed.lock().expect("failed lock").clone() {
             format!("failed: {reason}")
-        } else if space.available <= self.inner.cfg.reserved_space {
+        } else if space.available <= self.inner.cfg.reserved_space
+            || self
+                .inner
+                .refused_for_space
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
             "full".to_string()
         } else {
             "ok".to_string()
@@ -881,6 +889,11 @@ impl Writer {
                 available.saturating_sub(reserve)
             };
             if need + rec_len > room {
+                if !is_delete {
+                    self.d
+                        .refused_for_space
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 let e = StoreError::OutOfSpace {
                     disk: name.clone(),
                     needed: rec_len,
@@ -1152,6 +1165,9 @@ impl Writer {
                 Planned::Put {
                     loc, prev, reply, ..
                 } => {
+                    self.d
+                        .refused_for_space
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
                     acct.add_live(loc.segment, loc.record_len());
                     match prev {
                         Some(p) => acct.sub_live(p.segment, p.record_len()),

@@ -27,7 +27,8 @@ async fn exercise(engine: &str) {
         let r = put(&mut c, &format!("obj/{i:03}"), &data).await.unwrap();
         assert_eq!(r.length, len as u64);
         assert_eq!(&r.blake3[..], blake3::hash(&data).as_bytes());
-        assert_eq!(get(&mut c, &format!("obj/{i:03}")).await.unwrap(), data);
+        let got = get(&mut c, &format!("obj/{i:03}")).await.unwrap();
+        assert!(got == data, "obj/{i:03}: got {} bytes, want {}", got.len(), data.len());
     }
     // Enough chunks to seal several 2 MiB segments and use both disks.
     for i in 0..40u64 {
@@ -43,12 +44,12 @@ async fn exercise(engine: &str) {
     assert_eq!(info.io_engine, engine);
 
     // Ranges.
-    let data = pattern(4, 65_536);
+    let data = pattern(3, 65_536);
     let (i, part) = get_range(&mut c, "obj/003", 1000, 5000).await.unwrap();
-    assert_eq!(part, data[1000..6000]);
+    assert!(part == data[1000..6000]);
     assert_eq!((i.range_offset, i.range_length, i.length), (1000, 5000, 65_536));
     let (_, tail) = get_range(&mut c, "obj/003", 65_000, 0).await.unwrap();
-    assert_eq!(tail, data[65_000..]);
+    assert!(tail == data[65_000..]);
     let e = get_range(&mut c, "obj/003", 65_000, 1000).await.unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
 
