@@ -192,19 +192,28 @@ fn measure(args: &Args, rounds: u32, work: &Path) -> anyhow::Result<(Vec<Row>, S
     );
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     let rows = rt.block_on(async {
-        let bench = Bench {
-            client: storaged.client().await.context("connecting to storaged")?,
-            metrics_url: storaged.metrics_url(),
-            raw: work.join("raw.bin"),
-            rounds,
+        let all = async {
+            let bench = Bench {
+                client: storaged.client().await.context("connecting to storaged")?,
+                metrics_url: storaged.metrics_url(),
+                raw: work.join("raw.bin"),
+                rounds,
+            };
+            let mut rows = Vec::new();
+            for case in cases(args.quick) {
+                rows.extend(bench.case(case).await?);
+            }
+            anyhow::Ok(rows)
         };
-        let mut rows = Vec::new();
-        for case in cases(args.quick) {
-            rows.extend(bench.case(case).await?);
+        // storaged runs in its own process group, so a Ctrl-C does not reach it: stop through
+        // the error path, which kills it and removes the data.
+        tokio::select! {
+            r = all => r,
+            e = interrupted() => Err(e),
         }
-        anyhow::Ok(rows)
     });
-    drop(rt);
+    // Raw-disk threads of an interrupted case may still be running; do not wait long for them.
+    rt.shutdown_timeout(Duration::from_secs(10));
     let rows = rows?;
     let status = storaged.terminate(Duration::from_secs(30))?;
     ensure!(
@@ -213,6 +222,21 @@ fn measure(args: &Args, rounds: u32, work: &Path) -> anyhow::Result<(Vec<Row>, S
         storaged.proc.log_tail(20)
     );
     Ok((rows, io_engine))
+}
+
+/// Resolves on SIGINT or SIGTERM; never if the handlers cannot be installed.
+async fn interrupted() -> anyhow::Error {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => anyhow!("interrupted (SIGINT)"),
+        _ = term.recv() => anyhow!("terminated (SIGTERM)"),
+    }
 }
 
 /// What the cases share.

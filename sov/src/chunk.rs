@@ -162,11 +162,7 @@ pub async fn run(cmd: ChunkCmd, out: Output) -> Result<(), CliError> {
             if data.len() as u64 != info.range_length {
                 return Err(CliError::new(
                     EXIT_CORRUPT,
-                    format!(
-                        "short read: {} of {} bytes",
-                        data.len(),
-                        info.range_length
-                    ),
+                    format!("short read: {} of {} bytes", data.len(), info.range_length),
                 ));
             }
             // A whole chunk is checked here too: bytes that changed on the wire are caught.
@@ -289,7 +285,13 @@ pub async fn node_info(a: NodeArgs, out: Output) -> Result<(), CliError> {
     for d in &n.disks {
         text.push_str(&format!(
             "\n  {}: {} chunks, {} live bytes, {} free, health {}, {} corrupt, {} scrub passes",
-            d.path, d.chunks, d.live_bytes, d.free_bytes, d.health, d.corrupt_chunks, d.scrub_passes
+            d.path,
+            d.chunks,
+            d.live_bytes,
+            d.free_bytes,
+            d.health,
+            d.corrupt_chunks,
+            d.scrub_passes
         ));
     }
     print(

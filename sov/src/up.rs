@@ -46,7 +46,10 @@ fn sibling_binary(name: &str) -> Result<PathBuf, CliError> {
     if !p.exists() {
         return Err(CliError::new(
             1,
-            format!("{} not found next to sov; build the workspace first", p.display()),
+            format!(
+                "{} not found next to sov; build the workspace first",
+                p.display()
+            ),
         ));
     }
     Ok(p)
@@ -81,7 +84,10 @@ fn stop_all(nodes: &mut [Node]) {
 
 pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
     if a.storage_nodes == 0 || a.zones == 0 {
-        return Err(CliError::new(2, "--storage-nodes and --zones must be at least 1"));
+        return Err(CliError::new(
+            2,
+            "--storage-nodes and --zones must be at least 1",
+        ));
     }
     let storaged = sibling_binary("storaged")?;
     std::fs::create_dir_all(&a.data)
@@ -158,12 +164,19 @@ pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
         })).collect::<Vec<_>>(),
     });
     let path = data.join("cluster.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&cluster).expect("plain JSON"))
-        .map_err(|e| CliError::new(1, format!("cannot write {}: {e}", path.display())))?;
+    std::fs::write(
+        &path,
+        serde_json::to_vec_pretty(&cluster).expect("plain JSON"),
+    )
+    .map_err(|e| CliError::new(1, format!("cannot write {}: {e}", path.display())))?;
     match out {
         Output::Json => println!("{cluster}"),
         Output::Text => {
-            println!("sov cluster up ({} storage nodes); state in {}", nodes.len(), path.display());
+            println!(
+                "sov cluster up ({} storage nodes); state in {}",
+                nodes.len(),
+                path.display()
+            );
             for n in &nodes {
                 println!(
                     "  {} zone {} grpc {} metrics http://{}/metrics",

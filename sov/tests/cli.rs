@@ -33,67 +33,152 @@ fn text(b: &[u8]) -> String {
 fn debug_chunk_round_trip_and_exit_codes() {
     let dir = TestDir::new("cli");
     let disk = dir.path().join("disk");
-    let node = Storaged::start(dir.path(), &[disk.clone()], &["--no-scrub"]).unwrap();
+    let node = Storaged::start(dir.path(), std::slice::from_ref(&disk), &["--no-scrub"]).unwrap();
     let addr = node.addr();
     let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
 
     let out = sov(&["debug", "chunk", "put", "--storaged", &addr], Some(&data));
     assert!(out.status.success(), "{}", text(&out.stderr));
     let id = text(&out.stdout);
-    assert_eq!(id, blake3::hash(&data).to_hex().to_string(), "content-addressed id");
+    assert_eq!(
+        id,
+        blake3::hash(&data).to_hex().to_string(),
+        "content-addressed id"
+    );
 
     let out = sov(&["debug", "chunk", "get", "--storaged", &addr, &id], None);
     assert!(out.status.success());
     assert_eq!(out.stdout, data);
 
     let out = sov(
-        &["debug", "chunk", "get", "--storaged", &addr, &id, "--offset", "10", "--length", "5"],
+        &[
+            "debug",
+            "chunk",
+            "get",
+            "--storaged",
+            &addr,
+            &id,
+            "--offset",
+            "10",
+            "--length",
+            "5",
+        ],
         None,
     );
     assert_eq!(out.stdout, data[10..15]);
 
     let out = sov(
-        &["--output", "json", "debug", "chunk", "stat", "--storaged", &addr, &id],
+        &[
+            "--output",
+            "json",
+            "debug",
+            "chunk",
+            "stat",
+            "--storaged",
+            &addr,
+            &id,
+        ],
         None,
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["length"], 300_000);
 
-    let out = sov(&["debug", "chunk", "put", "--storaged", &addr, "--id", "named/1"], Some(b"hi"));
+    let out = sov(
+        &[
+            "debug",
+            "chunk",
+            "put",
+            "--storaged",
+            &addr,
+            "--id",
+            "named/1",
+        ],
+        Some(b"hi"),
+    );
     assert_eq!(text(&out.stdout), "named/1");
-    let out = sov(&["--output", "json", "debug", "chunk", "list", "--storaged", &addr], None);
+    let out = sov(
+        &[
+            "--output",
+            "json",
+            "debug",
+            "chunk",
+            "list",
+            "--storaged",
+            &addr,
+        ],
+        None,
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 2);
 
-    let out = sov(&["--output", "json", "debug", "node-info", "--storaged", &addr], None);
+    let out = sov(
+        &[
+            "--output",
+            "json",
+            "debug",
+            "node-info",
+            "--storaged",
+            &addr,
+        ],
+        None,
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["disks"][0]["chunks"], 2);
 
     // Missing chunk: exit 4 with the reason.
-    let out = sov(&["debug", "chunk", "get", "--storaged", &addr, "nope"], None);
+    let out = sov(
+        &["debug", "chunk", "get", "--storaged", &addr, "nope"],
+        None,
+    );
     assert_eq!(out.status.code(), Some(4));
-    assert!(text(&out.stderr).contains("not found"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("not found"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // Rotten chunk: exit 3, reason on stderr, nothing on stdout.
-    let seg = std::fs::read_dir(disk.join("segments")).unwrap().next().unwrap().unwrap().path();
+    let seg = std::fs::read_dir(disk.join("segments"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let f = std::fs::OpenOptions::new().write(true).open(seg).unwrap();
     f.write_all_at(&[0x55], 56 + 64 + 1000).unwrap();
     let out = sov(&["debug", "chunk", "get", "--storaged", &addr, &id], None);
     assert_eq!(out.status.code(), Some(3));
     assert!(out.stdout.is_empty());
-    assert!(text(&out.stderr).contains("failed verification"), "{}", text(&out.stderr));
-    let out = sov(&["--output", "json", "debug", "corrupt", "--storaged", &addr], None);
+    assert!(
+        text(&out.stderr).contains("failed verification"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = sov(
+        &["--output", "json", "debug", "corrupt", "--storaged", &addr],
+        None,
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[0]["id"], id.as_str());
 
-    let out = sov(&["debug", "chunk", "delete", "--storaged", &addr, "named/1"], None);
+    let out = sov(
+        &["debug", "chunk", "delete", "--storaged", &addr, "named/1"],
+        None,
+    );
     assert!(out.status.success());
     assert!(text(&out.stdout).contains("deleted named/1"));
 
     // Unreachable node: a clear message and a non-zero exit, not a hang.
-    let out = sov(&["debug", "chunk", "stat", "--storaged", "127.0.0.1:1", "x"], None);
+    let out = sov(
+        &["debug", "chunk", "stat", "--storaged", "127.0.0.1:1", "x"],
+        None,
+    );
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("cannot reach"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("cannot reach"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -117,7 +202,10 @@ fn sov_up_starts_and_stops_a_cluster() {
             let out = child.wait_with_output().unwrap();
             panic!("sov up exited {s}: {}", text(&out.stderr));
         }
-        assert!(Instant::now() < deadline, "sov up did not write cluster.json");
+        assert!(
+            Instant::now() < deadline,
+            "sov up did not write cluster.json"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cluster).unwrap()).unwrap();
@@ -130,7 +218,10 @@ fn sov_up_starts_and_stops_a_cluster() {
         assert!(m.contains("storaged_requests_total") || m.contains("storaged_disk_free_bytes"));
     }
     let addr = v["storaged_endpoints"][0].as_str().unwrap().to_string();
-    let out = sov(&["debug", "chunk", "put", "--storaged", &addr, "--id", "up/1"], Some(b"x"));
+    let out = sov(
+        &["debug", "chunk", "put", "--storaged", &addr, "--id", "up/1"],
+        Some(b"x"),
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     // SAFETY: signalling the child we started.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

@@ -130,7 +130,10 @@ impl StoragedConfig {
     /// Checks values that parse but cannot work; the error names the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.disks.is_empty() {
-            return Err(invalid("disks", "at least one disk is needed (--disk PATH)"));
+            return Err(invalid(
+                "disks",
+                "at least one disk is needed (--disk PATH)",
+            ));
         }
         let max = self.max_chunk_size.0;
         if max == 0 || max > 1 << 30 {
@@ -207,6 +210,11 @@ mod tests {
             segment_size: ByteSize(1 << 20),
             ..Default::default()
         };
-        assert!(c.validate().unwrap_err().to_string().contains("segment_size"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("segment_size")
+        );
     }
 }

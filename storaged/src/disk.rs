@@ -479,10 +479,7 @@ impl Disk {
             .get(&seg)
             .cloned();
         let Some(file) = file else { return Ok(0) };
-        let len = file
-            .metadata()
-            .map_err(|e| StoreError::io(&name, e))?
-            .len();
+        let len = file.metadata().map_err(|e| StoreError::io(&name, e))?.len();
         let mut pos = 0u64;
         let mut relocated = 0u64;
         while pos + HEADER_LEN as u64 <= len {
@@ -652,10 +649,10 @@ fn recover(d: &Inner) -> anyhow::Result<(u64, u64)> {
         Some((&seg, _)) => (seg + 1, 0),
         None => (1, 0),
     };
-    if !lens.contains_key(&active) {
+    if let std::collections::btree_map::Entry::Vacant(e) = lens.entry(active) {
         let file = open_segment(&segment_path(&d.path, active), true)?;
         fsync_dir(&seg_dir)?;
-        lens.insert(active, 0);
+        e.insert(0);
         d.segments
             .write()
             .expect("segments lock")
@@ -678,7 +675,13 @@ fn recover(d: &Inner) -> anyhow::Result<(u64, u64)> {
     Ok((active, offset))
 }
 
-fn replay_segment(d: &Inner, seg: u64, file: &File, start: u64, is_last: bool) -> anyhow::Result<()> {
+fn replay_segment(
+    d: &Inner,
+    seg: u64,
+    file: &File,
+    start: u64,
+    is_last: bool,
+) -> anyhow::Result<()> {
     let len = file.metadata()?.len();
     let mut pos = start;
     let mut batch = IndexBatch::default();
@@ -731,7 +734,7 @@ fn replay_segment(d: &Inner, seg: u64, file: &File, start: u64, is_last: bool) -
         }
         pos = rec_end;
         n += 1;
-        if n % 1024 == 0 {
+        if n.is_multiple_of(1024) {
             batch.checkpoint(seg, pos);
             d.index.write(std::mem::take(&mut batch))?;
         }
@@ -875,12 +878,11 @@ impl Writer {
 
         for op in ops {
             let rec_len = op_bytes(&op);
-            let current = |id: &str, overlay: &HashMap<String, Option<Location>>| {
-                match overlay.get(id) {
+            let current =
+                |id: &str, overlay: &HashMap<String, Option<Location>>| match overlay.get(id) {
                     Some(v) => Ok(*v),
                     None => self.d.index.get(id),
-                }
-            };
+                };
             // Tombstones may dip into the reserve (deleting is how space comes back).
             let is_delete = matches!(op, WriteOp::Delete { .. });
             let room = if is_delete {
@@ -908,25 +910,25 @@ impl Writer {
             }
             // Check the operation still applies before giving it space.
             let prev = match &op {
-                WriteOp::Put { id, .. } | WriteOp::Delete { id, .. } | WriteOp::Relocate { id, .. } => {
-                    match current(id, &overlay) {
-                        Ok(p) => p,
-                        Err(e) => {
-                            let e = StoreError::Index(e);
-                            let msg = e.to_string();
-                            match op {
-                                WriteOp::Put { reply, .. } => drop(reply.send(Err(e))),
-                                WriteOp::Delete { reply, .. } => {
-                                    drop(reply.send(Err(StoreError::InvalidArgument(msg))))
-                                }
-                                WriteOp::Relocate { reply, .. } => {
-                                    drop(reply.send(Err(StoreError::InvalidArgument(msg))))
-                                }
+                WriteOp::Put { id, .. }
+                | WriteOp::Delete { id, .. }
+                | WriteOp::Relocate { id, .. } => match current(id, &overlay) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let e = StoreError::Index(e);
+                        let msg = e.to_string();
+                        match op {
+                            WriteOp::Put { reply, .. } => drop(reply.send(Err(e))),
+                            WriteOp::Delete { reply, .. } => {
+                                drop(reply.send(Err(StoreError::InvalidArgument(msg))))
                             }
-                            continue;
+                            WriteOp::Relocate { reply, .. } => {
+                                drop(reply.send(Err(StoreError::InvalidArgument(msg))))
+                            }
                         }
+                        continue;
                     }
-                }
+                },
             };
             if matches!(op, WriteOp::Delete { .. }) && prev.is_none() {
                 if let WriteOp::Delete { id, reply } = op {
@@ -1086,10 +1088,11 @@ impl Writer {
                 self.d.metrics.syncs.with_label_values(&[&name]).inc();
             }
         }
-        if result.is_ok() && !new_files.is_empty() {
-            if let Err(e) = fsync_dir(&self.d.path.join("segments")) {
-                result = Err(StoreError::io(&name, e));
-            }
+        if result.is_ok()
+            && !new_files.is_empty()
+            && let Err(e) = fsync_dir(&self.d.path.join("segments"))
+        {
+            result = Err(StoreError::io(&name, e));
         }
         if let Err(e) = result {
             self.rollback(start_seg, start_off, &new_files);
@@ -1176,7 +1179,11 @@ impl Writer {
                     let _ = reply.send(Ok(loc));
                 }
                 Planned::Delete {
-                    prev, reply, seg, rec_len, ..
+                    prev,
+                    reply,
+                    seg,
+                    rec_len,
+                    ..
                 } => {
                     let _ = (seg, rec_len);
                     acct.sub_live(prev.segment, prev.record_len());
@@ -1237,7 +1244,11 @@ mod tests {
     }
 
     fn data(i: u64, len: usize) -> Bytes {
-        Bytes::from((0..len).map(|j| (i as usize * 31 + j) as u8).collect::<Vec<_>>())
+        Bytes::from(
+            (0..len)
+                .map(|j| (i as usize * 31 + j) as u8)
+                .collect::<Vec<_>>(),
+        )
     }
 
     async fn put(d: &Disk, id: &str, b: Bytes) -> Location {
@@ -1279,7 +1290,10 @@ mod tests {
                 assert_eq!(r.unwrap().1, data(i, 5000));
             }
         }
-        assert!(matches!(d.read("c99", "read").await, Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            d.read("c99", "read").await,
+            Err(StoreError::NotFound(_))
+        ));
         // Appends continue where the valid data ends.
         put(&d, "after", data(100, 10)).await;
         drop(d);
@@ -1312,7 +1326,10 @@ mod tests {
         let d = open(dir.path(), IoEngineKind::Pread);
         assert_eq!(d.stats().chunks, 39);
         assert_eq!(d.read("c05", "read").await.unwrap().1, data(500, 100));
-        assert!(matches!(d.read("c07", "read").await, Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            d.read("c07", "read").await,
+            Err(StoreError::NotFound(_))
+        ));
         assert_eq!(d.read("c39", "read").await.unwrap().1, data(39, 3000));
     }
 
@@ -1335,7 +1352,13 @@ mod tests {
             Err(StoreError::Corrupt { .. })
         ));
         assert_eq!(d.read("b", "read").await.unwrap().1, data(2, 2000));
-        let marked: Vec<String> = d.index().corrupt().unwrap().into_iter().map(|(id, _)| id).collect();
+        let marked: Vec<String> = d
+            .index()
+            .corrupt()
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         assert_eq!(marked, ["a"]);
     }
 
@@ -1359,11 +1382,17 @@ mod tests {
         }
         assert!(compacted >= 3, "{compacted}");
         for i in (0..40u64).step_by(4) {
-            assert_eq!(d.read(&format!("c{i:02}"), "read").await.unwrap().1, data(i, 8000));
+            assert_eq!(
+                d.read(&format!("c{i:02}"), "read").await.unwrap().1,
+                data(i, 8000)
+            );
         }
         drop(d);
         let d = open(dir.path(), IoEngineKind::IoUring);
         assert_eq!(d.stats().chunks, 10);
-        assert!(matches!(d.read("c01", "read").await, Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            d.read("c01", "read").await,
+            Err(StoreError::NotFound(_))
+        ));
     }
 }

@@ -212,10 +212,7 @@ impl Index {
     }
 
     /// Every chunk entry, for start-up accounting. Calls `f` for each.
-    pub fn for_each_chunk(
-        &self,
-        mut f: impl FnMut(&str, &Location),
-    ) -> Result<(), IndexError> {
+    pub fn for_each_chunk(&self, mut f: impl FnMut(&str, &Location)) -> Result<(), IndexError> {
         for item in self
             .db
             .iterator(IteratorMode::From(CHUNK, Direction::Forward))

@@ -137,7 +137,10 @@ impl Io {
 
     /// Reads from a plain thread.
     pub fn read_blocking(&self, file: Arc<File>, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        match Self::finish(self.submit(IoOp::Read { file, offset, len }).blocking_recv())? {
+        match Self::finish(
+            self.submit(IoOp::Read { file, offset, len })
+                .blocking_recv(),
+        )? {
             IoDone::Read(buf) => Ok(buf),
             other => Err(io::Error::other(format!("unexpected completion {other:?}"))),
         }
@@ -146,7 +149,11 @@ impl Io {
     /// Writes every buffer from a plain thread; at most [`MAX_IOVECS`] buffers.
     pub fn write_blocking(&self, file: Arc<File>, offset: u64, bufs: Vec<Bytes>) -> io::Result<()> {
         debug_assert!(bufs.len() <= MAX_IOVECS);
-        Self::finish(self.submit(IoOp::Write { file, offset, bufs }).blocking_recv()).map(|_| ())
+        Self::finish(
+            self.submit(IoOp::Write { file, offset, bufs })
+                .blocking_recv(),
+        )
+        .map(|_| ())
     }
 
     /// fdatasync from a plain thread.
@@ -576,9 +583,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let got = rt
-            .block_on(io.read(file.clone(), 4096 + 10, 20))
-            .unwrap();
+        let got = rt.block_on(io.read(file.clone(), 4096 + 10, 20)).unwrap();
         assert_eq!(got, expect[10..30]);
         // Many concurrent reads complete, each with its own bytes.
         let results = rt.block_on(async {

@@ -126,13 +126,7 @@ async fn serve(cfg: StoragedConfig, ready: Option<PathBuf>) -> anyhow::Result<()
         sov_common::shutdown::signal().await;
         trigger.trigger();
     });
-    storaged::run(
-        cfg,
-        storaged::Listeners { grpc, metrics },
-        shutdown,
-        ready,
-    )
-    .await
+    storaged::run(cfg, storaged::Listeners { grpc, metrics }, shutdown, ready).await
 }
 
 fn main() -> ExitCode {

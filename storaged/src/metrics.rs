@@ -125,7 +125,12 @@ impl Metrics {
                 "Bytes in segment files, live or garbage.",
                 &["disk"],
             ),
-            disk_chunks: gauge_vec(&r, "storaged_disk_chunks", "Live chunks on the disk.", &["disk"]),
+            disk_chunks: gauge_vec(
+                &r,
+                "storaged_disk_chunks",
+                "Live chunks on the disk.",
+                &["disk"],
+            ),
             disk_healthy: gauge_vec(
                 &r,
                 "storaged_disk_healthy",

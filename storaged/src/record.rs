@@ -64,7 +64,10 @@ pub enum RecordError {
 
 /// Builds the header and id bytes of a record (the data follows them on disk).
 pub fn encode_head(kind: RecordKind, id: &[u8], data_len: u64, blake3: &[u8; 32]) -> Vec<u8> {
-    assert!(id.len() <= u16::MAX as usize, "ids are validated to be short");
+    assert!(
+        id.len() <= u16::MAX as usize,
+        "ids are validated to be short"
+    );
     let mut head = Vec::with_capacity(HEADER_LEN + id.len());
     head.extend_from_slice(&MAGIC);
     head.push(FORMAT_VERSION);
@@ -148,8 +151,7 @@ mod tests {
             bad[i] ^= 0x40;
             let ok = parse_fixed(&bad)
                 .and_then(|h| {
-                    verify_check(&bad, &bad[HEADER_LEN..HEADER_LEN + h.id_len.min(7)])
-                        .map(|_| h)
+                    verify_check(&bad, &bad[HEADER_LEN..HEADER_LEN + h.id_len.min(7)]).map(|_| h)
                 })
                 .is_ok();
             assert!(!ok, "flip at byte {i} went unnoticed");

@@ -14,7 +14,14 @@ async fn exercise(engine: &str) {
     let mut node = Storaged::start(
         dir.path(),
         &disks,
-        &["--io-engine", engine, "--segment-size", "2MiB", "--max-chunk-size", "1MiB"],
+        &[
+            "--io-engine",
+            engine,
+            "--segment-size",
+            "2MiB",
+            "--max-chunk-size",
+            "1MiB",
+        ],
     )
     .expect("storaged starts");
     assert_eq!(node.ready.io_engine, engine);
@@ -28,7 +35,12 @@ async fn exercise(engine: &str) {
         assert_eq!(r.length, len as u64);
         assert_eq!(&r.blake3[..], blake3::hash(&data).as_bytes());
         let got = get(&mut c, &format!("obj/{i:03}")).await.unwrap();
-        assert!(got == data, "obj/{i:03}: got {} bytes, want {}", got.len(), data.len());
+        assert!(
+            got == data,
+            "obj/{i:03}: got {} bytes, want {}",
+            got.len(),
+            data.len()
+        );
     }
     // Enough chunks to seal several 2 MiB segments and use both disks.
     for i in 0..40u64 {
@@ -38,7 +50,10 @@ async fn exercise(engine: &str) {
     }
     let info = node_info(&mut c).await;
     assert_eq!(info.disks.len(), 2);
-    assert!(info.disks.iter().all(|d| d.chunks > 0), "both disks used: {info:?}");
+    assert!(
+        info.disks.iter().all(|d| d.chunks > 0),
+        "both disks used: {info:?}"
+    );
     assert_eq!(info.disks.iter().map(|d| d.chunks).sum::<u64>(), 46);
     assert_eq!(info.health, "ok");
     assert_eq!(info.io_engine, engine);
@@ -47,24 +62,37 @@ async fn exercise(engine: &str) {
     let data = pattern(3, 65_536);
     let (i, part) = get_range(&mut c, "obj/003", 1000, 5000).await.unwrap();
     assert!(part == data[1000..6000]);
-    assert_eq!((i.range_offset, i.range_length, i.length), (1000, 5000, 65_536));
+    assert_eq!(
+        (i.range_offset, i.range_length, i.length),
+        (1000, 5000, 65_536)
+    );
     let (_, tail) = get_range(&mut c, "obj/003", 65_000, 0).await.unwrap();
     assert!(tail == data[65_000..]);
-    let e = get_range(&mut c, "obj/003", 65_000, 1000).await.unwrap_err();
+    let e = get_range(&mut c, "obj/003", 65_000, 1000)
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
 
     // Overwrite, stat, delete.
     put(&mut c, "obj/001", b"new").await.unwrap();
     assert_eq!(get(&mut c, "obj/001").await.unwrap(), b"new");
     let st = c
-        .stat(pb::StatRequest { id: "obj/001".into() })
+        .stat(pb::StatRequest {
+            id: "obj/001".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(st.length, 3);
     delete(&mut c, "obj/001").await.unwrap();
-    assert_eq!(get(&mut c, "obj/001").await.unwrap_err().code(), Code::NotFound);
-    assert_eq!(delete(&mut c, "obj/001").await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        get(&mut c, "obj/001").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        delete(&mut c, "obj/001").await.unwrap_err().code(),
+        Code::NotFound
+    );
 
     // Listing by prefix, page by page, in key order.
     let mut seen = Vec::new();
@@ -100,7 +128,10 @@ async fn exercise(engine: &str) {
             pattern(100 + i, 200_000)
         );
     }
-    assert_eq!(get(&mut c, "obj/001").await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        get(&mut c, "obj/001").await.unwrap_err().code(),
+        Code::NotFound
+    );
 
     // Metrics are served and count what happened.
     let m = http_get(&node.metrics_url()).unwrap();
@@ -116,7 +147,11 @@ async fn exercise(engine: &str) {
     }
     assert!(metric_value(&m, "storaged_requests_total", "op=\"get\"").unwrap() >= 40.0);
     assert_eq!(
-        metric_value(&m, "storaged_io_engine_info", &format!("engine=\"{engine}\"")),
+        metric_value(
+            &m,
+            "storaged_io_engine_info",
+            &format!("engine=\"{engine}\"")
+        ),
         Some(1.0)
     );
 }

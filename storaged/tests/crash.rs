@@ -93,7 +93,10 @@ async fn verify(c: &Client, book: &Book) -> (usize, usize) {
                 let got = get(&mut c, &id).await;
                 let (resolved, was_acked) = match (state, got) {
                     (State::Acked { seed, len }, Ok(d)) => {
-                        assert!(d == pattern(seed, len), "acknowledged chunk {id} has wrong bytes");
+                        assert!(
+                            d == pattern(seed, len),
+                            "acknowledged chunk {id} has wrong bytes"
+                        );
                         (state, true)
                     }
                     (State::Acked { .. }, Err(e)) => panic!("acknowledged chunk {id} lost: {e:?}"),
@@ -198,5 +201,8 @@ async fn kill_9_at_random_moments_loses_nothing_acknowledged() {
         "crash test: {rounds} kill -9 rounds, {checked_acked} acknowledged-operation checks, \
          {checked_unacked} unacknowledged outcomes resolved, {total_acked} chunks live at the end"
     );
-    assert!(total_acked > 100, "the writers made progress: {total_acked}");
+    assert!(
+        total_acked > 100,
+        "the writers made progress: {total_acked}"
+    );
 }

@@ -23,7 +23,11 @@ fn segments(disk: &Path) -> Vec<std::path::PathBuf> {
 /// Flips one byte at `offset` of the first segment file.
 fn flip(disk: &Path, offset: u64) {
     let seg = &segments(disk)[0];
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(seg).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(seg)
+        .unwrap();
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, offset).unwrap();
     b[0] ^= 0x01;
@@ -47,7 +51,8 @@ async fn flipped_bytes_are_refused_reported_and_healed() {
     let dir = TestDir::new("bitrot");
     let disk = dir.path().join("disk");
     // Scrub off at first, so we know who finds what.
-    let mut node = Storaged::start(dir.path(), &[disk.clone()], &["--no-scrub"]).unwrap();
+    let mut node =
+        Storaged::start(dir.path(), std::slice::from_ref(&disk), &["--no-scrub"]).unwrap();
     let mut c = node.client().await.unwrap();
     // Records are laid out back to back: 56-byte header, id, data.
     let a = pattern(1, 10_000);
@@ -67,10 +72,17 @@ async fn flipped_bytes_are_refused_reported_and_healed() {
     assert_eq!(get(&mut c, "rot/b").await.unwrap(), b);
     let found = corrupt_ids(&mut c).await;
     assert_eq!(found.len(), 1);
-    assert_eq!((found[0].id.as_str(), found[0].found_by.as_str()), ("rot/a", "read"));
+    assert_eq!(
+        (found[0].id.as_str(), found[0].found_by.as_str()),
+        ("rot/a", "read")
+    );
     let m = http_get(&node.metrics_url()).unwrap();
     assert_eq!(
-        metric_value(&m, "storaged_corrupt_chunks_found_total", "found_by=\"read\""),
+        metric_value(
+            &m,
+            "storaged_corrupt_chunks_found_total",
+            "found_by=\"read\""
+        ),
         Some(1.0)
     );
 
@@ -78,7 +90,7 @@ async fn flipped_bytes_are_refused_reported_and_healed() {
     node.terminate(Duration::from_secs(30)).unwrap();
     let mut node = Storaged::start(
         dir.path(),
-        &[disk.clone()],
+        std::slice::from_ref(&disk),
         &["--scrub-rate", "0", "--scrub-interval", "200ms"],
     )
     .unwrap();
@@ -95,7 +107,15 @@ async fn flipped_bytes_are_refused_reported_and_healed() {
     })
     .await;
     let m = http_get(&url).unwrap();
-    assert!(metric_value(&m, "storaged_corrupt_chunks_found_total", "found_by=\"scrub\"").unwrap() >= 1.0);
+    assert!(
+        metric_value(
+            &m,
+            "storaged_corrupt_chunks_found_total",
+            "found_by=\"scrub\""
+        )
+        .unwrap()
+            >= 1.0
+    );
     assert!(metric_value(&m, "storaged_scrub_checked_chunks_total", "").unwrap() >= 3.0);
     let info = node_info(&mut c).await;
     assert_eq!(info.disks[0].corrupt_chunks, 2, "{info:?}");
@@ -124,10 +144,12 @@ async fn compaction_frees_garbage_and_keeps_live_chunks() {
         "100ms",
         "--no-scrub",
     ];
-    let mut node = Storaged::start(dir.path(), &[disk.clone()], &args).unwrap();
+    let mut node = Storaged::start(dir.path(), std::slice::from_ref(&disk), &args).unwrap();
     let mut c = node.client().await.unwrap();
     for i in 0..60u64 {
-        put(&mut c, &format!("k/{i:02}"), &pattern(i, 100_000)).await.unwrap();
+        put(&mut c, &format!("k/{i:02}"), &pattern(i, 100_000))
+            .await
+            .unwrap();
     }
     let before = segments(&disk).len();
     assert!(before >= 6, "{before} segments");

@@ -81,11 +81,16 @@ async fn full_disk_fails_writes_cleanly_and_keeps_serving_reads() {
     assert!(e.message().contains("full"), "{}", e.message());
     assert!(acked.len() >= 20, "only {} chunks fit", acked.len());
     // Still refused, still clean, and small writes too once there is no room.
-    let e = put(&mut c, "f/again", &pattern(999, 1 << 20)).await.unwrap_err();
+    let e = put(&mut c, "f/again", &pattern(999, 1 << 20))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted);
     // Everything acknowledged reads back.
     for &i in &acked {
-        assert_eq!(get(&mut c, &format!("f/{i:03}")).await.unwrap(), pattern(i, 1 << 20));
+        assert_eq!(
+            get(&mut c, &format!("f/{i:03}")).await.unwrap(),
+            pattern(i, 1 << 20)
+        );
     }
     let info = node_info(&mut c).await;
     assert_eq!(info.disks[0].health, "full", "{info:?}");
@@ -106,7 +111,10 @@ async fn full_disk_fails_writes_cleanly_and_keeps_serving_reads() {
         }
     }
     for &i in &acked[acked.len() / 2..] {
-        assert_eq!(get(&mut c, &format!("f/{i:03}")).await.unwrap(), pattern(i, 1 << 20));
+        assert_eq!(
+            get(&mut c, &format!("f/{i:03}")).await.unwrap(),
+            pattern(i, 1 << 20)
+        );
     }
     // A restart on the nearly full disk recovers.
     node.terminate(Duration::from_secs(30)).unwrap();
@@ -133,8 +141,14 @@ async fn bad_requests_get_clear_errors() {
     let mut c = node.client().await.unwrap();
 
     // Unknown ids.
-    assert_eq!(get(&mut c, "nope").await.unwrap_err().code(), Code::NotFound);
-    assert_eq!(delete(&mut c, "nope").await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        get(&mut c, "nope").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        delete(&mut c, "nope").await.unwrap_err().code(),
+        Code::NotFound
+    );
     let e = c
         .stat(pb::StatRequest { id: "nope".into() })
         .await
@@ -150,7 +164,9 @@ async fn bad_requests_get_clear_errors() {
     }
 
     // Oversized: declared, and smuggled past the declaration.
-    let e = put(&mut c, "big", &vec![0u8; (1 << 20) + 1]).await.unwrap_err();
+    let e = put(&mut c, "big", &vec![0u8; (1 << 20) + 1])
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("exceeds the limit"), "{}", e.message());
     let mut msgs = put_msgs("liar", &[1u8; 100]);
@@ -159,7 +175,11 @@ async fn bad_requests_get_clear_errors() {
     });
     let e = c.put(tokio_stream::iter(msgs)).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("more than the declared"), "{}", e.message());
+    assert!(
+        e.message().contains("more than the declared"),
+        "{}",
+        e.message()
+    );
 
     // Truncated stream: fewer bytes than declared, then the end.
     let mut msgs = put_msgs("short", &[1u8; 1000]);
@@ -169,7 +189,10 @@ async fn bad_requests_get_clear_errors() {
     let e = c.put(tokio_stream::iter(msgs)).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("truncated"), "{}", e.message());
-    assert_eq!(get(&mut c, "short").await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        get(&mut c, "short").await.unwrap_err().code(),
+        Code::NotFound
+    );
 
     // Data before the header; an empty stream; a wrong expected checksum.
     let e = c
@@ -205,7 +228,9 @@ async fn bad_requests_get_clear_errors() {
 
     // A client that sends a header and then stalls is cut off, not waited on forever.
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::PutRequest>(4);
-    tx.send(put_msgs("stall", &[0u8; 10]).remove(0)).await.unwrap();
+    tx.send(put_msgs("stall", &[0u8; 10]).remove(0))
+        .await
+        .unwrap();
     let started = Instant::now();
     let r = tokio::time::timeout(
         Duration::from_secs(20),
@@ -230,7 +255,9 @@ async fn bad_requests_get_clear_errors() {
         let mut buf = Vec::new();
         let r = s.read_to_end(&mut buf);
         assert!(
-            r.is_ok() || r.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            r.is_ok()
+                || r.as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
             "the server must close, not hang: {r:?}"
         );
     }
@@ -244,13 +271,20 @@ fn bad_config_exits_with_a_one_line_reason() {
     let bin = sov_testkit::bin_path("storaged");
     let cfg = dir.path().join("c.toml");
     let cases: [(&str, &str); 3] = [
-        ("disks = [\"/tmp/x\"]\nsegmentsize = \"1MiB\"\n", "segmentsize"),
+        (
+            "disks = [\"/tmp/x\"]\nsegmentsize = \"1MiB\"\n",
+            "segmentsize",
+        ),
         ("disks = [\"/tmp/x\"]\nmax_chunk_size = \"4XB\"\n", "4XB"),
         ("disks = []\n", "disks"),
     ];
     for (text, needle) in cases {
         std::fs::write(&cfg, text).unwrap();
-        let out = Command::new(&bin).arg("--config").arg(&cfg).output().unwrap();
+        let out = Command::new(&bin)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(2), "{text}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{needle} not named in: {err}");
@@ -272,9 +306,8 @@ async fn sigterm_drains_a_put_in_flight() {
     let mut msgs = put_msgs("slow", &data);
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::PutRequest>(8);
     tx.send(msgs.remove(0)).await.unwrap();
-    let call = tokio::spawn(async move {
-        c.put(tokio_stream::wrappers::ReceiverStream::new(rx)).await
-    });
+    let call =
+        tokio::spawn(async move { c.put(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pid = node.proc.pid().unwrap();
     // SAFETY: signalling the child we started.
@@ -285,7 +318,10 @@ async fn sigterm_drains_a_put_in_flight() {
     }
     drop(tx);
     let r = call.await.unwrap();
-    assert!(r.is_ok(), "the put in flight completes during the drain: {r:?}");
+    assert!(
+        r.is_ok(),
+        "the put in flight completes during the drain: {r:?}"
+    );
     let status = node.terminate(Duration::from_secs(30)).unwrap();
     assert!(status.success(), "{status}");
     node.restart().unwrap();

@@ -45,7 +45,12 @@ pub struct Process {
 
 impl Process {
     /// Starts `program args...` with its output appended to `log`.
-    pub fn spawn(name: &str, program: &Path, args: &[String], log: &Path) -> anyhow::Result<Process> {
+    pub fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log: &Path,
+    ) -> anyhow::Result<Process> {
         use std::os::unix::process::CommandExt;
         let out = File::options()
             .create(true)
@@ -74,7 +79,9 @@ impl Process {
 
     /// The exit status if the process has ended.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     fn signal_group(&self, sig: i32) {
