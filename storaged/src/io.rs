@@ -97,8 +97,16 @@ impl Io {
     }
 
     /// io_uring when the kernel allows it, else the thread pool.
+    ///
+    /// The environment variable `SOV_FAILPOINT_NO_IO_URING=1` makes the probe fail, so tests
+    /// can take the fallback path on a kernel that has io_uring.
     pub fn start_auto() -> Io {
-        match Io::start(IoEngineKind::IoUring) {
+        let probe = if std::env::var_os("SOV_FAILPOINT_NO_IO_URING").is_some_and(|v| v == "1") {
+            Err(io::Error::other("io_uring disabled by failpoint"))
+        } else {
+            Io::start(IoEngineKind::IoUring)
+        };
+        match probe {
             Ok(io) => io,
             Err(e) => {
                 tracing::warn!(error = %e, "io_uring unavailable, using pread/pwrite threads");

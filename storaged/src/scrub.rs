@@ -54,8 +54,11 @@ impl Worker for Scrub {
         for (id, loc) in entries {
             match self.disk.read_at(&id, loc, "scrub").await {
                 Ok(_) => {
-                    // A chunk that verifies is not corrupt, whatever an older mark says.
-                    self.disk.index().clear_corrupt(&id)?;
+                    // A chunk that verifies is not corrupt, whatever an older mark says, as
+                    // long as what was verified is still the chunk's current record.
+                    if self.disk.index().get(&id)? == Some(loc) {
+                        self.disk.index().clear_corrupt(&id)?;
+                    }
                 }
                 Err(StoreError::Corrupt { .. }) | Err(StoreError::NotFound(_)) => {}
                 Err(e) => return Err(e.into()),

@@ -201,3 +201,22 @@ async fn concurrent_writers_share_syncs() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_engine_falls_back_to_pread_when_io_uring_is_refused() {
+    let dir = TestDir::new("fallback");
+    let auto = Storaged::start(dir.path(), &[dir.path().join("a")], &["--no-scrub"]).unwrap();
+    assert_eq!(auto.ready.io_engine, "io_uring", "this kernel has io_uring");
+    let node = Storaged::start_env(
+        &dir.path().join("b"),
+        &[dir.path().join("b/disk")],
+        &["--no-scrub", "--io-engine", "auto"],
+        &[("SOV_FAILPOINT_NO_IO_URING", "1")],
+    )
+    .unwrap();
+    assert_eq!(node.ready.io_engine, "pread");
+    assert!(node.proc.log_tail(50).contains("io_uring unavailable"));
+    let mut c = node.client().await.unwrap();
+    put(&mut c, "x", &pattern(1, 100_000)).await.unwrap();
+    assert!(get(&mut c, "x").await.unwrap() == pattern(1, 100_000));
+}

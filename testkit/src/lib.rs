@@ -51,6 +51,17 @@ impl Process {
         args: &[String],
         log: &Path,
     ) -> anyhow::Result<Process> {
+        Self::spawn_env(name, program, args, &[], log)
+    }
+
+    /// Like [`Process::spawn`], with extra environment variables.
+    pub fn spawn_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log: &Path,
+    ) -> anyhow::Result<Process> {
         use std::os::unix::process::CommandExt;
         let out = File::options()
             .create(true)
@@ -60,6 +71,7 @@ impl Process {
         let err = out.try_clone()?;
         let child = Command::new(program)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -188,12 +200,23 @@ pub struct Storaged {
     pub work: PathBuf,
     pub disks: Vec<PathBuf>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     starts: u32,
 }
 
 impl Storaged {
     /// Starts storaged on `disks` with `extra` flags; logs and the ready file go in `work`.
     pub fn start(work: &Path, disks: &[PathBuf], extra: &[&str]) -> anyhow::Result<Storaged> {
+        Self::start_env(work, disks, extra, &[])
+    }
+
+    /// Like [`Storaged::start`], with extra environment variables (failpoints, `RUST_LOG`).
+    pub fn start_env(
+        work: &Path,
+        disks: &[PathBuf],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Storaged> {
         let mut args: Vec<String> = vec![
             "--listen".into(),
             "127.0.0.1:0".into(),
@@ -205,28 +228,39 @@ impl Storaged {
             args.push(d.display().to_string());
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let (proc, ready) = Self::launch(work, &args, 1)?;
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let (proc, ready) = Self::launch(work, &args, &env, 1)?;
         Ok(Storaged {
             proc,
             ready,
             work: work.to_path_buf(),
             disks: disks.to_vec(),
             args,
+            env,
             starts: 1,
         })
     }
 
-    fn launch(work: &Path, args: &[String], n: u32) -> anyhow::Result<(Process, Ready)> {
+    fn launch(
+        work: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        n: u32,
+    ) -> anyhow::Result<(Process, Ready)> {
         std::fs::create_dir_all(work)?;
         let ready_file = work.join(format!("storaged-ready-{n}.json"));
         let _ = std::fs::remove_file(&ready_file);
         let mut all = args.to_vec();
         all.push("--ready-file".into());
         all.push(ready_file.display().to_string());
-        let mut proc = Process::spawn(
+        let mut proc = Process::spawn_env(
             "storaged",
             &bin_path("storaged"),
             &all,
+            env,
             &work.join("storaged.log"),
         )?;
         let ready = wait_ready(&mut proc, &ready_file, Duration::from_secs(120))?;
@@ -237,7 +271,7 @@ impl Storaged {
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.proc.kill9();
         self.starts += 1;
-        let (proc, ready) = Self::launch(&self.work, &self.args, self.starts)?;
+        let (proc, ready) = Self::launch(&self.work, &self.args, &self.env, self.starts)?;
         self.proc = proc;
         self.ready = ready;
         Ok(())
