@@ -152,7 +152,9 @@ pub async fn run(
         draining.clone(),
     );
     let (grpc_stop, mut grpc_sd) = shutdown::channel();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc);
+    // Small replies must not wait for Nagle's algorithm (a 40 ms stall per small Get otherwise).
+    let incoming = tonic::transport::server::TcpIncoming::from(listeners.grpc)
+        .with_nodelay(Some(true));
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .concurrency_limit_per_connection(256)
