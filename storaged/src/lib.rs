@@ -153,8 +153,8 @@ pub async fn run(
     );
     let (grpc_stop, mut grpc_sd) = shutdown::channel();
     // Small replies must not wait for Nagle's algorithm (a 40 ms stall per small Get otherwise).
-    let incoming = tonic::transport::server::TcpIncoming::from(listeners.grpc)
-        .with_nodelay(Some(true));
+    let incoming =
+        tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .concurrency_limit_per_connection(256)
