@@ -79,6 +79,8 @@ async fn connect(addr: &str) -> Result<ChunkStoreClient<Channel>, CliError> {
         .map_err(|e| CliError::new(2, format!("bad storaged address {addr}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(120))
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(64 << 20))
         .connect()
         .await
         .map_err(|e| CliError::new(1, format!("cannot reach storaged at {addr}: {e}")))?;

@@ -159,6 +159,10 @@ pub async fn run(
         tonic::transport::Server::builder()
             .concurrency_limit_per_connection(256)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            // Chunks are megabytes: HTTP/2's default 64 KiB windows would stall every stream
+            // on a round trip per 64 KiB.
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(64 << 20))
             .add_service(
                 ChunkStoreServer::new(svc)
                     .max_decoding_message_size(8 << 20)

@@ -293,6 +293,8 @@ impl Storaged {
     pub async fn client(&self) -> anyhow::Result<ChunkStoreClient<Channel>> {
         let ch = Channel::from_shared(self.endpoint())?
             .connect_timeout(Duration::from_secs(5))
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(64 << 20))
             .connect()
             .await?;
         Ok(ChunkStoreClient::new(ch)
