@@ -3,6 +3,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod placement;
 pub mod shutdown;
 pub mod telemetry;
 pub mod units;

@@ -794,8 +794,6 @@ enum Planned {
     },
     Delete {
         id: String,
-        seg: u64,
-        rec_len: u64,
         prev: Location,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
@@ -813,6 +811,17 @@ impl Planned {
             Planned::Put { reply, .. } => drop(reply.send(Err(e()))),
             Planned::Delete { reply, .. } => drop(reply.send(Err(e()))),
             Planned::Relocate { reply, .. } => drop(reply.send(Err(e()))),
+        }
+    }
+}
+
+impl WriteOp {
+    /// Answers the operation with an error.
+    fn fail(self, e: StoreError) {
+        match self {
+            WriteOp::Put { reply, .. } => drop(reply.send(Err(e))),
+            WriteOp::Delete { reply, .. } => drop(reply.send(Err(e))),
+            WriteOp::Relocate { reply, .. } => drop(reply.send(Err(e))),
         }
     }
 }
@@ -853,15 +862,10 @@ impl Writer {
         let name = self.d.name.clone();
         if let Some(reason) = self.failed() {
             for op in ops {
-                let e = StoreError::DiskFailed {
+                op.fail(StoreError::DiskFailed {
                     disk: name.clone(),
                     reason: reason.clone(),
-                };
-                match op {
-                    WriteOp::Put { reply, .. } => drop(reply.send(Err(e))),
-                    WriteOp::Delete { reply, .. } => drop(reply.send(Err(e))),
-                    WriteOp::Relocate { reply, .. } => drop(reply.send(Err(e))),
-                }
+                });
             }
             return;
         }
@@ -896,16 +900,11 @@ impl Writer {
                         .refused_for_space
                         .store(true, std::sync::atomic::Ordering::Relaxed);
                 }
-                let e = StoreError::OutOfSpace {
+                op.fail(StoreError::OutOfSpace {
                     disk: name.clone(),
                     needed: rec_len,
                     available: room.saturating_sub(need),
-                };
-                match op {
-                    WriteOp::Put { reply, .. } => drop(reply.send(Err(e))),
-                    WriteOp::Delete { reply, .. } => drop(reply.send(Err(e))),
-                    WriteOp::Relocate { reply, .. } => drop(reply.send(Err(e))),
-                }
+                });
                 continue;
             }
             // Check the operation still applies before giving it space.
@@ -915,17 +914,7 @@ impl Writer {
                 | WriteOp::Relocate { id, .. } => match current(id, &overlay) {
                     Ok(p) => p,
                     Err(e) => {
-                        let e = StoreError::Index(e);
-                        let msg = e.to_string();
-                        match op {
-                            WriteOp::Put { reply, .. } => drop(reply.send(Err(e))),
-                            WriteOp::Delete { reply, .. } => {
-                                drop(reply.send(Err(StoreError::InvalidArgument(msg))))
-                            }
-                            WriteOp::Relocate { reply, .. } => {
-                                drop(reply.send(Err(StoreError::InvalidArgument(msg))))
-                            }
-                        }
+                        op.fail(StoreError::Index(e));
                         continue;
                     }
                 },
@@ -956,15 +945,7 @@ impl Writer {
                         self.offset = 0;
                     }
                     Err(e) => {
-                        let e = StoreError::io(&name, e);
-                        let msg = e.to_string();
-                        match op {
-                            WriteOp::Put { reply, .. } => drop(reply.send(Err(e))),
-                            WriteOp::Delete { reply, .. } => {
-                                drop(reply.send(Err(StoreError::InvalidArgument(msg))))
-                            }
-                            WriteOp::Relocate { reply, .. } => drop(reply.send(Ok(false))),
-                        }
+                        op.fail(StoreError::io(&name, e));
                         continue;
                     }
                 }
@@ -1019,8 +1000,6 @@ impl Writer {
                     overlay.insert(id.clone(), None);
                     planned.push(Planned::Delete {
                         id,
-                        seg,
-                        rec_len,
                         prev: prev.expect("checked above"),
                         reply,
                     });
@@ -1178,14 +1157,7 @@ impl Writer {
                     }
                     let _ = reply.send(Ok(loc));
                 }
-                Planned::Delete {
-                    prev,
-                    reply,
-                    seg,
-                    rec_len,
-                    ..
-                } => {
-                    let _ = (seg, rec_len);
+                Planned::Delete { prev, reply, .. } => {
                     acct.sub_live(prev.segment, prev.record_len());
                     acct.chunks = acct.chunks.saturating_sub(1);
                     let _ = reply.send(Ok(()));

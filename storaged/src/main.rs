@@ -9,7 +9,7 @@ use storaged::config::{IoEngineChoice, StoragedConfig};
 
 /// The sov storage node.
 #[derive(Debug, Parser)]
-#[command(name = "storaged", version, about)]
+#[command(name = "storaged", version, about, args_override_self = true)]
 struct Flags {
     /// TOML config file; flags override its values.
     #[arg(long)]

@@ -1,4 +1,5 @@
-//! Crash safety: concurrent writers and deleters, `kill -9` at random moments, many rounds.
+//! Crash safety: concurrent writers and deleters, `kill -9` at random moments, many rounds,
+//! alternating the io_uring and pread engines.
 //! After every restart each acknowledged chunk must read back verified, each acknowledged
 //! delete must stay deleted, and an unacknowledged write may be absent but never wrong.
 
@@ -185,7 +186,10 @@ async fn kill_9_at_random_moments_loses_nothing_acknowledged() {
                 .expect("writers notice the kill")
                 .unwrap();
         }
-        node.restart().unwrap();
+        // Alternate the I/O engines, so both write paths are crashed and both recover.
+        let engine = if round % 2 == 0 { "pread" } else { "io_uring" };
+        node.restart_with(&["--io-engine", engine]).unwrap();
+        assert_eq!(node.ready.io_engine, engine);
         let c = node.client().await.unwrap();
         let (a, u) = verify(&c, &book).await;
         checked_acked += a;

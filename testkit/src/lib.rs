@@ -269,9 +269,16 @@ impl Storaged {
 
     /// Starts it again with the same disks and flags (new ports), after a kill or a stop.
     pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.restart_with(&[])
+    }
+
+    /// Like [`Storaged::restart`], with `extra` flags for this start only (later flags win).
+    pub fn restart_with(&mut self, extra: &[&str]) -> anyhow::Result<()> {
         self.proc.kill9();
         self.starts += 1;
-        let (proc, ready) = Self::launch(&self.work, &self.args, &self.env, self.starts)?;
+        let mut args = self.args.clone();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let (proc, ready) = Self::launch(&self.work, &args, &self.env, self.starts)?;
         self.proc = proc;
         self.ready = ready;
         Ok(())
