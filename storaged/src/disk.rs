@@ -95,7 +95,8 @@ pub struct CompactionCandidate {
 pub(crate) enum WriteOp {
     Put {
         id: String,
-        data: Bytes,
+        /// The chunk's bytes as received (frames are written as they are, no concatenation).
+        data: Vec<Bytes>,
         blake3: [u8; 32],
         reply: oneshot::Sender<Result<Location, StoreError>>,
     },
@@ -302,7 +303,7 @@ impl Disk {
     pub async fn put(
         &self,
         id: String,
-        data: Bytes,
+        data: Vec<Bytes>,
         blake3: [u8; 32],
     ) -> Result<Location, StoreError> {
         let (reply, rx) = oneshot::channel();
@@ -826,11 +827,15 @@ impl WriteOp {
     }
 }
 
+/// Total length of a chunk held as frames.
+pub fn frames_len(frames: &[Bytes]) -> u64 {
+    frames.iter().map(|f| f.len() as u64).sum()
+}
+
 fn op_bytes(op: &WriteOp) -> u64 {
     match op {
-        WriteOp::Put { id, data, .. } | WriteOp::Relocate { id, data, .. } => {
-            (HEADER_LEN + id.len() + data.len()) as u64
-        }
+        WriteOp::Put { id, data, .. } => HEADER_LEN as u64 + id.len() as u64 + frames_len(data),
+        WriteOp::Relocate { id, data, .. } => (HEADER_LEN + id.len() + data.len()) as u64,
         WriteOp::Delete { id, .. } => (HEADER_LEN + id.len()) as u64,
     }
 }
@@ -965,16 +970,14 @@ impl Writer {
                     blake3,
                     reply,
                 } => {
-                    let data_len = data.len() as u64;
+                    let data_len = frames_len(&data);
                     bufs.push(Bytes::from(record::encode_head(
                         RecordKind::Put,
                         id.as_bytes(),
                         data_len,
                         &blake3,
                     )));
-                    if !data.is_empty() {
-                        bufs.push(data);
-                    }
+                    bufs.extend(data.into_iter().filter(|f| !f.is_empty()));
                     let loc = Location {
                         segment: seg,
                         offset: off,
@@ -1225,7 +1228,11 @@ mod tests {
 
     async fn put(d: &Disk, id: &str, b: Bytes) -> Location {
         let h = *blake3::hash(&b).as_bytes();
-        d.put(id.to_string(), b, h).await.unwrap()
+        // Split in uneven frames, as a client's stream would arrive.
+        let cut = b.len() / 3;
+        d.put(id.to_string(), vec![b.slice(..cut), b.slice(cut..)], h)
+            .await
+            .unwrap()
     }
 
     fn last_segment(path: &Path) -> PathBuf {

@@ -90,19 +90,20 @@ impl Store {
     pub async fn put(
         &self,
         id: String,
-        data: Bytes,
+        data: Vec<Bytes>,
         blake3: [u8; 32],
     ) -> Result<(Location, String), StoreError> {
         validate_id(&id)?;
-        if data.len() as u64 > self.max_chunk_size {
+        let len = crate::disk::frames_len(&data);
+        if len > self.max_chunk_size {
             return Err(StoreError::TooLarge {
-                len: data.len() as u64,
+                len,
                 max: self.max_chunk_size,
             });
         }
         let disk = match self.find(&id)? {
             Some(d) => d,
-            None => self.choose(&id, data.len() as u64)?,
+            None => self.choose(&id, len)?,
         };
         let loc = disk.put(id, data, blake3).await?;
         Ok((loc, disk.name().to_string()))

@@ -220,3 +220,32 @@ async fn auto_engine_falls_back_to_pread_when_io_uring_is_refused() {
     put(&mut c, "x", &pattern(1, 100_000)).await.unwrap();
     assert!(get(&mut c, "x").await.unwrap() == pattern(1, 100_000));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_of_any_size_make_the_same_chunk() {
+    let dir = TestDir::new("frames");
+    let node = Storaged::start(dir.path(), &[dir.path().join("d")], &["--no-scrub"]).unwrap();
+    let mut c = node.client().await.unwrap();
+    let data = pattern(5, 300_000);
+    // 3000 frames of 100 bytes (joined on the node), 3 uneven frames (kept apart), empty frames.
+    for (id, frame) in [("tiny", 100usize), ("uneven", 123_457), ("whole", 300_000)] {
+        let mut msgs = put_msgs(id, &[]);
+        if let Some(pb::put_request::Msg::Header(h)) = &mut msgs[0].msg {
+            h.length = data.len() as u64;
+        }
+        msgs.truncate(1);
+        for part in data.chunks(frame) {
+            msgs.push(pb::PutRequest {
+                msg: Some(pb::put_request::Msg::Data(bytes::Bytes::new())),
+            });
+            msgs.push(pb::PutRequest {
+                msg: Some(pb::put_request::Msg::Data(bytes::Bytes::copy_from_slice(
+                    part,
+                ))),
+            });
+        }
+        let r = c.put(tokio_stream::iter(msgs)).await.unwrap().into_inner();
+        assert_eq!(&r.blake3[..], blake3::hash(&data).as_bytes());
+        assert!(get(&mut c, id).await.unwrap() == data, "{id}");
+    }
+}
