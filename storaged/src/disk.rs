@@ -229,8 +229,9 @@ impl Disk {
                 text.trim()
             ),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                std::fs::write(&format, FORMAT_TEXT)
-                    .with_context(|| format!("cannot format {name}"))?;
+                let f = File::create(&format).with_context(|| format!("cannot format {name}"))?;
+                std::io::Write::write_all(&mut &f, FORMAT_TEXT.as_bytes())?;
+                f.sync_all()?;
                 fsync_dir(path)?;
             }
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", format.display())),
@@ -258,7 +259,9 @@ impl Disk {
             scrub: Mutex::new(scrub),
         });
         let (active, offset) = recover(&inner).with_context(|| format!("recovery of {name}"))?;
-        let (tx, rx) = crossbeam_channel::bounded::<WriteOp>(4096);
+        // Unbounded so that async callers never block a runtime thread on a full queue; the
+        // bytes queued are bounded by the service's put-memory admission control.
+        let (tx, rx) = crossbeam_channel::unbounded::<WriteOp>();
         let w = inner.clone();
         let active_file = inner
             .segments
@@ -377,6 +380,10 @@ impl Disk {
                 return Err(StoreError::NotFound(id.to_string()));
             }
             self.mark_corrupt(id, &reason, found_by);
+            // A write or delete that committed meanwhile made the mark stale: take it back.
+            if self.inner.index.get(id)? != Some(loc) {
+                self.inner.index.clear_corrupt(id)?;
+            }
             return Err(StoreError::Corrupt {
                 id: id.to_string(),
                 reason,
@@ -479,7 +486,13 @@ impl Disk {
             .expect("segments lock")
             .get(&seg)
             .cloned();
-        let Some(file) = file else { return Ok(0) };
+        let Some(file) = file else {
+            // Already removed (a previous attempt failed after taking it out of service).
+            let mut acct = self.inner.acct.lock().expect("accounting lock");
+            acct.seg_len.remove(&seg);
+            acct.live.remove(&seg);
+            return Ok(0);
+        };
         let len = file.metadata().map_err(|e| StoreError::io(&name, e))?.len();
         let mut pos = 0u64;
         let mut relocated = 0u64;
@@ -512,6 +525,9 @@ impl Disk {
                     .read(file.clone(), data_start, h.data_len as usize)
                     .await
                     .map_err(|e| StoreError::io(&name, e))?;
+                if data.len() as u64 != h.data_len {
+                    break; // a short segment; what is left stays live and the segment is kept
+                }
                 // Copied verbatim with the original blake3: a rotten record stays detectable.
                 if self.relocate(id, loc, Bytes::from(data)).await? {
                     relocated += rec_len;
@@ -531,6 +547,9 @@ impl Disk {
                 )),
             });
         }
+        // The index must be durable before the segment goes: if it rolled back past this point
+        // after a power loss, replay would miss the tombstones and copies that lived here.
+        self.inner.index.sync()?;
         self.inner
             .segments
             .write()
@@ -697,7 +716,10 @@ fn replay_segment(
         } else {
             None
         };
-        let Some(h) = fixed.filter(|h| pos + h.record_len() <= len) else {
+        let Some(h) = fixed.filter(|h| {
+            pos.checked_add(h.record_len())
+                .is_some_and(|end| end <= len)
+        }) else {
             cut_at = Some(pos);
             break;
         };
@@ -727,9 +749,19 @@ fn replay_segment(
                     data_len: h.data_len,
                     blake3: h.blake3,
                 };
-                batch.put(&id_str, &loc);
-                if !good {
-                    corrupt.push(id_str);
+                if good {
+                    batch.put(&id_str, &loc);
+                } else {
+                    // A torn, never-acknowledged overwrite (a power loss can keep later pages
+                    // and lose these) must not replace the acknowledged version: keep a
+                    // previous entry if there is one, else index it as corrupt for repair.
+                    d.index.write(std::mem::take(&mut batch))?;
+                    if d.index.get(&id_str)?.is_none() {
+                        batch.put(&id_str, &loc);
+                        corrupt.push(id_str);
+                    } else {
+                        tracing::warn!(disk = %d.name, segment = seg, offset = pos, "a rotten record in the replay window left the previous version in place");
+                    }
                 }
             }
         }
@@ -941,7 +973,14 @@ impl Writer {
             // Room in the active segment, or a new one.
             if self.offset > 0 && self.offset + rec_len > self.d.cfg.segment_size {
                 let next = self.active + 1;
-                match open_segment(&segment_path(&self.d.path, next), true) {
+                // A leftover file here can only hold bytes of a group that failed: start empty.
+                let created = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(segment_path(&self.d.path, next));
+                match created {
                     Ok(f) => {
                         let f = Arc::new(f);
                         new_files.push((next, f.clone()));
@@ -1114,14 +1153,16 @@ impl Writer {
         let mut batch = IndexBatch::default();
         for p in &planned {
             match p {
-                Planned::Put { id, loc, .. } | Planned::Relocate { id, loc, .. } => {
-                    batch.put(id, loc)
-                }
+                Planned::Put { id, loc, .. } => batch.put(id, loc),
+                Planned::Relocate { id, loc, .. } => batch.relocate(id, loc),
                 Planned::Delete { id, .. } => batch.delete(id),
             }
         }
         batch.checkpoint(self.active, self.offset);
         if let Err(e) = self.d.index.write(batch) {
+            // The records are durable but not indexed, and the next group's checkpoint would
+            // skip them: stop writing; a restart's replay indexes them.
+            *self.d.failed.lock().expect("failed lock") = Some(format!("index write failed: {e}"));
             // The records are durable but not indexed; a restart's replay would index them.
             let msg = e.to_string();
             tracing::error!(disk = %name, error = %msg, "index write failed");
@@ -1196,7 +1237,9 @@ impl Writer {
         self.active = seg;
         self.offset = off;
         if let Err(e) = self.active_file.set_len(off) {
-            tracing::warn!(disk = %self.d.name, error = %e, "cannot cut a failed write back");
+            tracing::error!(disk = %self.d.name, error = %e, "cannot cut a failed write back; disk marked failed");
+            *self.d.failed.lock().expect("failed lock") =
+                Some(format!("cannot cut a failed write back: {e}"));
         }
     }
 }
@@ -1362,6 +1405,44 @@ mod tests {
             );
             assert_eq!(d.stats().chunks, 6 + u64::from(whole), "cut {cut}");
         }
+    }
+
+    /// A power loss can keep a later record and lose the pages of an earlier, never
+    /// acknowledged overwrite: replay must not let that torn record replace the version that
+    /// was acknowledged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_torn_overwrite_does_not_replace_the_acknowledged_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = open(dir.path(), IoEngineKind::Pread);
+        put(&d, "x", data(1, 4000)).await;
+        drop(d);
+        let seg = last_segment(dir.path());
+        let end = std::fs::metadata(&seg).unwrap().len();
+        // x = v2 with its data pages lost (zeros), then a whole record after it.
+        let v2 = data(2, 4000);
+        let mut torn = record::encode_head(
+            RecordKind::Put,
+            b"x",
+            v2.len() as u64,
+            blake3::hash(&v2).as_bytes(),
+        );
+        torn.extend_from_slice(&vec![0u8; v2.len()]);
+        let y = data(3, 100);
+        let mut whole = record::encode_head(
+            RecordKind::Put,
+            b"y",
+            y.len() as u64,
+            blake3::hash(&y).as_bytes(),
+        );
+        whole.extend_from_slice(&y);
+        let f = OpenOptions::new().write(true).open(&seg).unwrap();
+        f.write_all_at(&torn, end).unwrap();
+        f.write_all_at(&whole, end + torn.len() as u64).unwrap();
+        drop(f);
+        let d = open(dir.path(), IoEngineKind::Pread);
+        assert_eq!(d.read("x", "read").await.unwrap().1, data(1, 4000));
+        assert_eq!(d.read("y", "read").await.unwrap().1, y);
+        assert!(d.index().corrupt().unwrap().is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

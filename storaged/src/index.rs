@@ -108,6 +108,11 @@ impl IndexBatch {
         self.batch.delete(key(CORRUPT, id));
     }
 
+    /// A compaction copy: the chunk moves, a corrupt mark (if any) stays.
+    pub fn relocate(&mut self, id: &str, loc: &Location) {
+        self.batch.put(key(CHUNK, id), loc.encode());
+    }
+
     pub fn delete(&mut self, id: &str) {
         self.batch.delete(key(CHUNK, id));
         self.batch.delete(key(CORRUPT, id));
@@ -283,6 +288,12 @@ impl Index {
         v.extend_from_slice(&s.checked_in_pass.to_le_bytes());
         v.extend_from_slice(s.cursor.as_bytes());
         self.db.put(SCRUB, v)?;
+        Ok(())
+    }
+
+    /// Makes every write so far durable (the WAL is synced).
+    pub fn sync(&self) -> Result<(), IndexError> {
+        self.db.flush_wal(true)?;
         Ok(())
     }
 

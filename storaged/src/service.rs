@@ -38,6 +38,7 @@ pub struct ChunkService {
     store: Arc<Store>,
     metrics: Metrics,
     put_memory: Arc<Semaphore>,
+    put_memory_units: u64,
     idle_timeout: Duration,
     ident: NodeIdent,
     draining: Arc<AtomicBool>,
@@ -52,11 +53,15 @@ impl ChunkService {
         ident: NodeIdent,
         draining: Arc<AtomicBool>,
     ) -> ChunkService {
-        let units = (put_memory / MEMORY_UNIT).clamp(1, Semaphore::MAX_PERMITS as u64) as usize;
+        let units = put_memory
+            .div_ceil(MEMORY_UNIT)
+            .clamp(1, u64::from(u32::MAX).min(Semaphore::MAX_PERMITS as u64))
+            as usize;
         ChunkService {
             store,
             metrics,
             put_memory: Arc::new(Semaphore::new(units)),
+            put_memory_units: units as u64,
             idle_timeout,
             ident,
             draining,
@@ -135,7 +140,9 @@ impl ChunkService {
                 )));
             }
         };
-        let units = header.length.div_ceil(MEMORY_UNIT).max(1) as u32;
+        // Never more than the whole budget, or a put as large as the budget would wait forever.
+        let total = self.put_memory_units;
+        let units = header.length.div_ceil(MEMORY_UNIT).clamp(1, total) as u32;
         let _permit = self
             .put_memory
             .acquire_many(units)

@@ -66,8 +66,11 @@ impl Store {
         Ok(None)
     }
 
-    /// Rendezvous choice among disks that are not failed, preferring those with room.
-    fn choose(&self, id: &str, len: u64) -> Result<&Arc<Disk>, StoreError> {
+    /// Rendezvous choice among disks that are not failed. Free space does not enter the
+    /// choice, so two concurrent first puts of one id always pick the same disk (otherwise the
+    /// id could end up on two disks and a delete would only remove one copy); a full chosen disk
+    /// answers "out of space".
+    fn choose(&self, id: &str) -> Result<&Arc<Disk>, StoreError> {
         let score = |d: &Disk| {
             let mut h = blake3::Hasher::new();
             h.update(d.name().as_bytes());
@@ -75,14 +78,9 @@ impl Store {
             h.update(id.as_bytes());
             u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
         };
-        let healthy: Vec<&Arc<Disk>> = self.disks.iter().filter(|d| !d.is_failed()).collect();
-        let roomy: Vec<&Arc<Disk>> = healthy
+        self.disks
             .iter()
-            .copied()
-            .filter(|d| d.available() > len + 4096)
-            .collect();
-        let pool = if roomy.is_empty() { healthy } else { roomy };
-        pool.into_iter()
+            .filter(|d| !d.is_failed())
             .max_by_key(|d| score(d))
             .ok_or(StoreError::NoDisk)
     }
@@ -103,7 +101,7 @@ impl Store {
         }
         let disk = match self.find(&id)? {
             Some(d) => d,
-            None => self.choose(&id, len)?,
+            None => self.choose(&id)?,
         };
         let loc = disk.put(id, data, blake3).await?;
         Ok((loc, disk.name().to_string()))
