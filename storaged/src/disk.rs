@@ -535,10 +535,35 @@ impl Disk {
             }
             pos += rec_len;
         }
-        let live_left = {
+        let live_in = |seg: u64| {
             let acct = self.inner.acct.lock().expect("accounting lock");
             acct.live.get(&seg).copied().unwrap_or(0)
         };
+        if live_in(seg) > 0 {
+            // The walk stopped early (unreadable bytes inside the segment): find the remaining
+            // live records through the index instead, and copy them by their index location.
+            let mut rest = Vec::new();
+            self.inner.index.for_each_chunk(|id, loc| {
+                if loc.segment == seg {
+                    rest.push((id.to_string(), *loc));
+                }
+            })?;
+            for (id, loc) in rest {
+                let start = loc.offset + HEADER_LEN as u64 + u64::from(loc.id_len);
+                let data = self
+                    .inner
+                    .io
+                    .read(file.clone(), start, loc.data_len as usize)
+                    .await
+                    .map_err(|e| StoreError::io(&name, e))?;
+                if data.len() as u64 == loc.data_len
+                    && self.relocate(id, loc, Bytes::from(data)).await?
+                {
+                    relocated += loc.record_len();
+                }
+            }
+        }
+        let live_left = live_in(seg);
         if live_left > 0 {
             return Err(StoreError::Io {
                 disk: name,
@@ -1443,6 +1468,43 @@ mod tests {
         assert_eq!(d.read("x", "read").await.unwrap().1, data(1, 4000));
         assert_eq!(d.read("y", "read").await.unwrap().1, y);
         assert!(d.index().corrupt().unwrap().is_empty());
+    }
+
+    /// A sealed segment with a rotten header in the middle is still compacted: the records
+    /// after the damage are found through the index.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compaction_gets_past_a_rotten_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = open(dir.path(), IoEngineKind::Pread);
+        let mut locs = Vec::new();
+        for i in 0..12u64 {
+            locs.push(put(&d, &format!("c{i:02}"), data(i, 6000)).await);
+        }
+        let seg = locs[0].segment;
+        assert!(locs[11].segment > seg, "the first segment is sealed");
+        // Delete most of the first segment, keep c03 and c07, and rot c05's header.
+        let in_first: Vec<u64> = (0..12)
+            .filter(|&i| locs[i as usize].segment == seg)
+            .collect();
+        for &i in &in_first {
+            if i != 3 && i != 7 {
+                d.delete(format!("c{i:02}")).await.unwrap();
+            }
+        }
+        let f = OpenOptions::new()
+            .write(true)
+            .open(segment_path(dir.path(), seg))
+            .unwrap();
+        f.write_all_at(b"JUNK", locs[5].offset).unwrap();
+        drop(f);
+        d.compact(seg).await.unwrap();
+        assert!(!segment_path(dir.path(), seg).exists());
+        for i in [3u64, 7] {
+            assert_eq!(
+                d.read(&format!("c{i:02}"), "read").await.unwrap().1,
+                data(i, 6000)
+            );
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
