@@ -1,0 +1,690 @@
+//! metad's Raft storage: the log (`raft_log`, `raft_meta`) and the state machine (`sm`,
+//! `sm_meta`) as column families of one RocksDB.
+//!
+//! The state machine is an ordered key-value map. Every log entry carries a [`Batch`] of
+//! commands (many clients' proposals share one entry) applied in order; the changes of a whole
+//! `apply` call and the new last-applied id go in one RocksDB batch, so the data and the
+//! position in the log can never disagree after a crash. Typed tables (cluster map, pools,
+//! buckets, ...) are key ranges on top of this map.
+//!
+//! Keys: `raft_log`: the log index as 8 big-endian bytes (so byte order is index order) →
+//! entry. `raft_meta`: `vote`, `committed`, `last_purged`. `sm_meta`: `applied`, `membership`,
+//! `snapshot` (the current snapshot: meta and data). Values are JSON with a version field
+//! where they are ours.
+
+// openraft's trait methods return its `StorageError`; helpers return the same type rather than
+// box it only to unbox it again.
+#![allow(clippy::result_large_err)]
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader,
+    RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+};
+use rocksdb::{
+    ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions,
+};
+use serde::{Deserialize, Serialize};
+
+/// Members are numbered.
+pub type NodeId = u64;
+
+/// What the log knows about a member: where to reach it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// gRPC address of the member's metad API.
+    pub addr: String,
+}
+
+openraft::declare_raft_types!(
+    /// openraft's type configuration for metad.
+    pub TypeConfig:
+        D = Batch,
+        R = BatchResult,
+        NodeId = NodeId,
+        Node = Member,
+        Entry = Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+/// One state machine command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Sets a key.
+    Put { key: Vec<u8>, value: Vec<u8> },
+    /// Removes a key (absent is fine).
+    Delete { key: Vec<u8> },
+    /// Sets (`Some`) or removes (`None`) a key only if its current value is `expected`
+    /// (`None` = absent). The building block of every read-modify-write on a table.
+    CompareAndSet {
+        key: Vec<u8>,
+        expected: Option<Vec<u8>>,
+        new: Option<Vec<u8>>,
+    },
+}
+
+/// The outcome of one command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandResult {
+    Done,
+    /// A compare-and-set found another value; nothing was changed.
+    Conflict {
+        current: Option<Vec<u8>>,
+    },
+}
+
+/// Commands applied in order, as one log entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    pub commands: Vec<Command>,
+}
+
+/// One result per command of a [`Batch`] (empty for blank and membership entries).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchResult {
+    pub results: Vec<CommandResult>,
+}
+
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+/// The last applied log id and the membership it carries.
+type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, Member>);
+/// Key-value pairs in key order.
+pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+const CF_LOG: &str = "raft_log";
+const CF_META: &str = "raft_meta";
+const CF_SM: &str = "sm";
+const CF_SM_META: &str = "sm_meta";
+
+fn io_err(
+    subject: ErrorSubject<NodeId>,
+    verb: ErrorVerb,
+    e: impl std::error::Error + 'static,
+) -> StorageError<NodeId> {
+    StorageIOError::new(subject, verb, AnyError::new(&e)).into()
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn synced() -> WriteOptions {
+    let mut wo = WriteOptions::default();
+    wo.set_sync(true);
+    wo
+}
+
+/// Opens (or creates) the RocksDB holding a member's log and state machine.
+pub fn open(path: &Path) -> Result<(LogStore, StateMachine), rocksdb::Error> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.set_compression_type(rocksdb::DBCompressionType::None);
+    let cfs = [CF_LOG, CF_META, CF_SM, CF_SM_META]
+        .into_iter()
+        .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+    let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?);
+    Ok((LogStore { db: db.clone() }, StateMachine { db }))
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    db.cf_handle(name)
+        .expect("open() creates every column family")
+}
+
+fn get_json<T: serde::de::DeserializeOwned>(
+    db: &DB,
+    cf_name: &str,
+    key: &str,
+    subject: ErrorSubject<NodeId>,
+) -> StorageResult<Option<T>> {
+    let raw = db
+        .get_cf(cf(db, cf_name), key)
+        .map_err(|e| io_err(subject.clone(), ErrorVerb::Read, e))?;
+    raw.map(|b| serde_json::from_slice(&b).map_err(|e| io_err(subject, ErrorVerb::Read, e)))
+        .transpose()
+}
+
+/// The replicated log and the vote.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+}
+
+impl LogStore {
+    fn put_meta_synced<T: Serialize>(
+        &self,
+        key: &str,
+        v: &T,
+        subject: ErrorSubject<NodeId>,
+    ) -> StorageResult<()> {
+        let bytes =
+            serde_json::to_vec(v).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
+        let mut b = WriteBatch::default();
+        b.put_cf(cf(&self.db, CF_META), key, bytes);
+        self.db
+            .write_opt(b, &synced())
+            .map_err(|e| io_err(subject, ErrorVerb::Write, e))
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        let start = match range.start_bound() {
+            Bound::Included(&i) => i,
+            Bound::Excluded(&i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let from = index_key(start);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            cf(&self.db, CF_LOG),
+            IteratorMode::From(&from, Direction::Forward),
+        ) {
+            let (k, v) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+            let index = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| {
+                io_err(
+                    ErrorSubject::Logs,
+                    ErrorVerb::Read,
+                    std::io::Error::other("bad log key"),
+                )
+            })?);
+            if !range.contains(&index) {
+                break;
+            }
+            let entry: Entry<TypeConfig> = serde_json::from_slice(&v)
+                .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+            out.push(entry);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let last_purged: Option<LogId<NodeId>> =
+            get_json(&self.db, CF_META, "last_purged", ErrorSubject::Store)?;
+        let last = match self
+            .db
+            .iterator_cf(cf(&self.db, CF_LOG), IteratorMode::End)
+            .next()
+        {
+            Some(item) => {
+                let (_, v) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+                let e: Entry<TypeConfig> = serde_json::from_slice(&v)
+                    .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+                Some(e.log_id)
+            }
+            None => last_purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        self.put_meta_synced("vote", vote, ErrorSubject::Vote)
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        get_json(&self.db, CF_META, "vote", ErrorSubject::Vote)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        self.put_meta_synced("committed", &committed, ErrorSubject::Store)
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        Ok(
+            get_json::<Option<LogId<NodeId>>>(&self.db, CF_META, "committed", ErrorSubject::Store)?
+                .flatten(),
+        )
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        // One synced batch: the entries are durable before openraft is told so.
+        let mut b = WriteBatch::default();
+        for e in entries {
+            let v = serde_json::to_vec(&e)
+                .map_err(|err| io_err(ErrorSubject::Logs, ErrorVerb::Write, err))?;
+            b.put_cf(cf(&self.db, CF_LOG), index_key(e.log_id.index), v);
+        }
+        let r = self.db.write_opt(b, &synced());
+        let result = r
+            .as_ref()
+            .map(|_| ())
+            .map_err(|e| std::io::Error::other(e.to_string()));
+        callback.log_io_completed(result);
+        r.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let mut b = WriteBatch::default();
+        b.delete_range_cf(
+            cf(&self.db, CF_LOG),
+            index_key(log_id.index),
+            index_key(u64::MAX),
+        );
+        b.delete_cf(cf(&self.db, CF_LOG), index_key(u64::MAX));
+        self.db
+            .write_opt(b, &synced())
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        // Record what is purged first: entries at or below it are ignored from then on, so a
+        // crash in the middle of the delete leaves nothing inconsistent.
+        self.put_meta_synced("last_purged", &log_id, ErrorSubject::Store)?;
+        self.db
+            .delete_range_cf(
+                cf(&self.db, CF_LOG),
+                index_key(0),
+                index_key(log_id.index.saturating_add(1)),
+            )
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+    }
+}
+
+/// The snapshot as stored and shipped: its meta and every key-value pair.
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    version: u32,
+    meta: SnapshotMeta<NodeId, Member>,
+    pairs: Pairs,
+}
+
+/// The key-value state machine.
+#[derive(Clone)]
+pub struct StateMachine {
+    db: Arc<DB>,
+}
+
+/// A frozen copy of the state machine, taken where openraft serialises it with `apply`.
+pub struct SnapshotBuilder {
+    db: Arc<DB>,
+    applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, Member>,
+    pairs: Pairs,
+}
+
+impl StateMachine {
+    /// Reads a key of the state machine (a local, possibly stale read).
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, rocksdb::Error> {
+        self.db.get_cf(cf(&self.db, CF_SM), key)
+    }
+
+    /// Key-value pairs whose key starts with `prefix`, in key order, after `start_after`.
+    pub fn scan(
+        &self,
+        prefix: &[u8],
+        start_after: &[u8],
+        limit: usize,
+    ) -> Result<Pairs, rocksdb::Error> {
+        let mut from = prefix.to_vec();
+        if start_after > prefix {
+            from = start_after.to_vec();
+            from.push(0);
+        }
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            cf(&self.db, CF_SM),
+            IteratorMode::From(&from, Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn applied(&self) -> StorageResult<AppliedState> {
+        let applied = get_json::<Option<LogId<NodeId>>>(
+            &self.db,
+            CF_SM_META,
+            "applied",
+            ErrorSubject::StateMachine,
+        )?
+        .flatten();
+        let membership = get_json(
+            &self.db,
+            CF_SM_META,
+            "membership",
+            ErrorSubject::StateMachine,
+        )?
+        .unwrap_or_default();
+        Ok((applied, membership))
+    }
+
+    fn all_pairs(&self) -> StorageResult<Pairs> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(cf(&self.db, CF_SM), IteratorMode::Start)
+        {
+            let (k, v) =
+                item.map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let snapshot_id = match self.applied {
+            Some(id) => format!("{}-{}", id.leader_id, id.index),
+            None => "empty".to_string(),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: self.applied,
+            last_membership: self.membership.clone(),
+            snapshot_id,
+        };
+        let file = SnapshotFile {
+            version: 1,
+            meta: meta.clone(),
+            pairs: std::mem::take(&mut self.pairs),
+        };
+        let bytes = serde_json::to_vec(&file).map_err(|e| {
+            io_err(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Write,
+                e,
+            )
+        })?;
+        let mut b = WriteBatch::default();
+        b.put_cf(cf(&self.db, CF_SM_META), "snapshot", &bytes);
+        self.db.write_opt(b, &synced()).map_err(|e| {
+            io_err(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Write,
+                e,
+            )
+        })?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, Member>)> {
+        self.applied()
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<BatchResult>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let sm = cf(&self.db, CF_SM);
+        let mut b = WriteBatch::default();
+        // Values written earlier in this call, which the batch does not show to reads yet.
+        let mut pending: std::collections::HashMap<Vec<u8>, Option<Vec<u8>>> = Default::default();
+        let mut results = Vec::new();
+        let mut applied = None;
+        let mut membership = None;
+        for entry in entries {
+            applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => results.push(BatchResult::default()),
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(entry.log_id), m));
+                    results.push(BatchResult::default());
+                }
+                EntryPayload::Normal(batch) => {
+                    let mut out = Vec::with_capacity(batch.commands.len());
+                    for c in batch.commands {
+                        out.push(match c {
+                            Command::Put { key, value } => {
+                                b.put_cf(sm, &key, &value);
+                                pending.insert(key, Some(value));
+                                CommandResult::Done
+                            }
+                            Command::Delete { key } => {
+                                b.delete_cf(sm, &key);
+                                pending.insert(key, None);
+                                CommandResult::Done
+                            }
+                            Command::CompareAndSet { key, expected, new } => {
+                                let current = match pending.get(&key) {
+                                    Some(v) => v.clone(),
+                                    None => self.db.get_cf(sm, &key).map_err(|e| {
+                                        io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e)
+                                    })?,
+                                };
+                                if current != expected {
+                                    CommandResult::Conflict { current }
+                                } else {
+                                    match &new {
+                                        Some(v) => b.put_cf(sm, &key, v),
+                                        None => b.delete_cf(sm, &key),
+                                    }
+                                    pending.insert(key, new);
+                                    CommandResult::Done
+                                }
+                            }
+                        });
+                    }
+                    results.push(BatchResult { results: out });
+                }
+            }
+        }
+        let meta = cf(&self.db, CF_SM_META);
+        if let Some(a) = applied {
+            let v = serde_json::to_vec(&Some(a))
+                .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+            b.put_cf(meta, "applied", v);
+        }
+        if let Some(m) = membership {
+            let v = serde_json::to_vec(&m)
+                .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+            b.put_cf(meta, "membership", v);
+        }
+        // Not synced: the log is durable, and a state machine that lost its tail is re-applied
+        // from the log up to the committed index on restart.
+        self.db
+            .write(b)
+            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        // Called in order with `apply`, so this copy is one consistent point of the state
+        // machine. Metadata is small; a checkpoint-based snapshot replaces this when it is not.
+        let (applied, membership) = self.applied().unwrap_or_default();
+        let pairs = self.all_pairs().unwrap_or_default();
+        SnapshotBuilder {
+            db: self.db.clone(),
+            applied,
+            membership,
+            pairs,
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, Member>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        let subject = || ErrorSubject::Snapshot(Some(meta.signature()));
+        let bytes = snapshot.into_inner();
+        let file: SnapshotFile =
+            serde_json::from_slice(&bytes).map_err(|e| io_err(subject(), ErrorVerb::Read, e))?;
+        let sm = cf(&self.db, CF_SM);
+        let sm_meta = cf(&self.db, CF_SM_META);
+        // Replace everything in one synced batch.
+        let mut b = WriteBatch::default();
+        for item in self.db.iterator_cf(sm, IteratorMode::Start) {
+            let (k, _) = item.map_err(|e| io_err(subject(), ErrorVerb::Read, e))?;
+            b.delete_cf(sm, k);
+        }
+        for (k, v) in &file.pairs {
+            b.put_cf(sm, k, v);
+        }
+        let applied = serde_json::to_vec(&meta.last_log_id)
+            .map_err(|e| io_err(subject(), ErrorVerb::Write, e))?;
+        let membership = serde_json::to_vec(&meta.last_membership)
+            .map_err(|e| io_err(subject(), ErrorVerb::Write, e))?;
+        b.put_cf(sm_meta, "applied", applied);
+        b.put_cf(sm_meta, "membership", membership);
+        // Keep it as the current snapshot, with the meta openraft gave (it names this install).
+        let stored = SnapshotFile {
+            version: 1,
+            meta: meta.clone(),
+            pairs: file.pairs,
+        };
+        let stored =
+            serde_json::to_vec(&stored).map_err(|e| io_err(subject(), ErrorVerb::Write, e))?;
+        b.put_cf(sm_meta, "snapshot", stored);
+        self.db
+            .write_opt(b, &synced())
+            .map_err(|e| io_err(subject(), ErrorVerb::Write, e))
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        let raw = self
+            .db
+            .get_cf(cf(&self.db, CF_SM_META), "snapshot")
+            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        let Some(bytes) = raw else { return Ok(None) };
+        let file: SnapshotFile = serde_json::from_slice(&bytes)
+            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        Ok(Some(Snapshot {
+            meta: file.meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::testing::{StoreBuilder, Suite};
+
+    struct Builder;
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
+        async fn build(&self) -> StorageResult<(tempfile::TempDir, LogStore, StateMachine)> {
+            let dir = tempfile::tempdir().expect("a temp dir");
+            let (log, sm) = open(dir.path()).expect("rocksdb opens");
+            Ok((dir, log, sm))
+        }
+    }
+
+    /// openraft's own storage conformance cases against our RocksDB stores.
+    #[test]
+    fn passes_openraft_storage_suite() {
+        Suite::test_all(Builder).expect("storage suite");
+    }
+
+    #[tokio::test]
+    async fn commands_apply_in_order_with_compare_and_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, mut sm) = open(dir.path()).unwrap();
+        let id = |i| LogId::new(openraft::CommittedLeaderId::new(1, 0), i);
+        let batch = Batch {
+            commands: vec![
+                Command::Put {
+                    key: b"a".to_vec(),
+                    value: b"1".to_vec(),
+                },
+                Command::CompareAndSet {
+                    key: b"a".to_vec(),
+                    expected: Some(b"1".to_vec()),
+                    new: Some(b"2".to_vec()),
+                },
+                Command::CompareAndSet {
+                    key: b"a".to_vec(),
+                    expected: Some(b"1".to_vec()),
+                    new: None,
+                },
+                Command::CompareAndSet {
+                    key: b"b".to_vec(),
+                    expected: None,
+                    new: Some(b"x".to_vec()),
+                },
+                Command::Delete {
+                    key: b"zz".to_vec(),
+                },
+            ],
+        };
+        let r = sm
+            .apply(vec![
+                Entry {
+                    log_id: id(1),
+                    payload: EntryPayload::Blank,
+                },
+                Entry {
+                    log_id: id(2),
+                    payload: EntryPayload::Normal(batch),
+                },
+            ])
+            .await
+            .unwrap();
+        assert_eq!(r.len(), 2, "one result per entry");
+        assert_eq!(
+            r[1].results,
+            vec![
+                CommandResult::Done,
+                CommandResult::Done,
+                CommandResult::Conflict {
+                    current: Some(b"2".to_vec())
+                },
+                CommandResult::Done,
+                CommandResult::Done,
+            ]
+        );
+        assert_eq!(sm.get(b"a").unwrap(), Some(b"2".to_vec()));
+        assert_eq!(sm.scan(b"", b"", 10).unwrap().len(), 2);
+        assert_eq!(sm.applied_state().await.unwrap().0, Some(id(2)));
+        // The state survives a reopen, and a snapshot carries it to another member.
+        drop((log, sm));
+        let (_log, mut sm) = open(dir.path()).unwrap();
+        assert_eq!(sm.get(b"b").unwrap(), Some(b"x".to_vec()));
+        let snap = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let (_l2, mut sm2) = open(other.path()).unwrap();
+        sm2.install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(sm2.get(b"a").unwrap(), Some(b"2".to_vec()));
+        assert_eq!(sm2.applied_state().await.unwrap().0, Some(id(2)));
+    }
+}
