@@ -439,13 +439,6 @@ impl Disk {
         self.inner.failed.lock().expect("failed lock").is_some()
     }
 
-    /// Space available above the reserve.
-    pub fn available(&self) -> u64 {
-        space(&self.inner.path)
-            .map(|s| s.available.saturating_sub(self.inner.cfg.reserved_space))
-            .unwrap_or(0)
-    }
-
     pub fn scrub_state(&self) -> ScrubState {
         self.inner.scrub.lock().expect("scrub lock").clone()
     }
@@ -1143,16 +1136,12 @@ impl Writer {
         if let Err(e) = result {
             self.rollback(start_seg, start_off, &new_files);
             let msg = e.to_string();
-            let is_space = matches!(e, StoreError::OutOfSpace { .. });
+            let is_space = matches!(e, StoreError::DiskFull { .. });
             let is_failed = matches!(e, StoreError::DiskFailed { .. });
             for p in planned {
                 p.fail(&|| {
                     if is_space {
-                        StoreError::OutOfSpace {
-                            disk: name.clone(),
-                            needed: 0,
-                            available: 0,
-                        }
+                        StoreError::DiskFull { disk: name.clone() }
                     } else if is_failed {
                         StoreError::DiskFailed {
                             disk: name.clone(),
@@ -1303,6 +1292,18 @@ mod tests {
             .unwrap()
     }
 
+    /// The bytes of a whole put record for `id`, as the writer lays them out.
+    fn put_record(id: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut r = record::encode_head(
+            RecordKind::Put,
+            id,
+            data.len() as u64,
+            blake3::hash(data).as_bytes(),
+        );
+        r.extend_from_slice(data);
+        r
+    }
+
     fn last_segment(path: &Path) -> PathBuf {
         let mut v: Vec<_> = std::fs::read_dir(path.join("segments"))
             .unwrap()
@@ -1383,13 +1384,7 @@ mod tests {
         }
         drop(d);
         let late = data(77, 5000);
-        let mut extra = record::encode_head(
-            RecordKind::Put,
-            b"late",
-            late.len() as u64,
-            blake3::hash(&late).as_bytes(),
-        );
-        extra.extend_from_slice(&late);
+        let extra = put_record(b"late", &late);
         let cuts: Vec<usize> = (0..=HEADER_LEN + 6)
             .chain([100, 2500, extra.len() - 1, extra.len()])
             .collect();
@@ -1453,13 +1448,7 @@ mod tests {
         );
         torn.extend_from_slice(&vec![0u8; v2.len()]);
         let y = data(3, 100);
-        let mut whole = record::encode_head(
-            RecordKind::Put,
-            b"y",
-            y.len() as u64,
-            blake3::hash(&y).as_bytes(),
-        );
-        whole.extend_from_slice(&y);
+        let whole = put_record(b"y", &y);
         let f = OpenOptions::new().write(true).open(&seg).unwrap();
         f.write_all_at(&torn, end).unwrap();
         f.write_all_at(&whole, end + torn.len() as u64).unwrap();

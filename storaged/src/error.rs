@@ -19,6 +19,8 @@ pub enum StoreError {
         needed: u64,
         available: u64,
     },
+    #[error("disk {disk} is full: no space left on device")]
+    DiskFull { disk: String },
     #[error("chunk {id} failed verification: {reason}")]
     Corrupt { id: String, reason: String },
     #[error("disk {disk} has failed: {reason}")]
@@ -46,7 +48,7 @@ impl StoreError {
             | StoreError::TooLarge { .. }
             | StoreError::InvalidArgument(_) => Code::InvalidArgument,
             StoreError::InvalidRange { .. } => Code::OutOfRange,
-            StoreError::OutOfSpace { .. } => Code::ResourceExhausted,
+            StoreError::OutOfSpace { .. } | StoreError::DiskFull { .. } => Code::ResourceExhausted,
             StoreError::Corrupt { .. } => Code::DataLoss,
             StoreError::DiskFailed { .. } | StoreError::ShuttingDown | StoreError::NoDisk => {
                 Code::Unavailable
@@ -64,7 +66,7 @@ impl StoreError {
             | StoreError::TooLarge { .. }
             | StoreError::InvalidArgument(_) => "invalid_argument",
             StoreError::InvalidRange { .. } => "out_of_range",
-            StoreError::OutOfSpace { .. } => "out_of_space",
+            StoreError::OutOfSpace { .. } | StoreError::DiskFull { .. } => "out_of_space",
             StoreError::Corrupt { .. } => "corrupt",
             StoreError::DiskFailed { .. } | StoreError::ShuttingDown | StoreError::NoDisk => {
                 "unavailable"
@@ -75,10 +77,8 @@ impl StoreError {
 
     pub(crate) fn io(disk: &str, source: std::io::Error) -> StoreError {
         if source.raw_os_error() == Some(libc::ENOSPC) {
-            return StoreError::OutOfSpace {
+            return StoreError::DiskFull {
                 disk: disk.to_string(),
-                needed: 0,
-                available: 0,
             };
         }
         StoreError::Io {

@@ -203,6 +203,25 @@ pub async fn run(
 
 /// Keeps the per-disk gauges current.
 async fn refresh_gauges(store: Arc<Store>, m: Metrics, mut sd: Shutdown) {
+    // Create every labelled counter series once, so each exists (at 0) from the start.
+    for d in store.disks() {
+        let n = [d.name()];
+        for c in [
+            &m.syncs,
+            &m.scrub_chunks,
+            &m.scrub_bytes,
+            &m.scrub_passes,
+            &m.compaction_segments,
+            &m.compaction_reclaimed,
+            &m.compaction_relocated,
+            &m.recovery_truncated,
+        ] {
+            c.with_label_values(&n);
+        }
+        for by in ["read", "scrub", "recovery"] {
+            m.corrupt_found.with_label_values(&[d.name(), by]);
+        }
+    }
     loop {
         let s = store.clone();
         if let Ok(stats) = tokio::task::spawn_blocking(move || s.stats()).await {
@@ -223,18 +242,6 @@ async fn refresh_gauges(store: Arc<Store>, m: Metrics, mut sd: Shutdown) {
                 m.disk_healthy
                     .with_label_values(&n)
                     .set(i64::from(st.health == "ok"));
-                // Touch the labelled counters so every series exists from the start.
-                m.syncs.with_label_values(&n);
-                m.scrub_chunks.with_label_values(&n);
-                m.scrub_bytes.with_label_values(&n);
-                m.scrub_passes.with_label_values(&n);
-                m.compaction_segments.with_label_values(&n);
-                m.compaction_reclaimed.with_label_values(&n);
-                m.compaction_relocated.with_label_values(&n);
-                m.recovery_truncated.with_label_values(&n);
-                for by in ["read", "scrub", "recovery"] {
-                    m.corrupt_found.with_label_values(&[name.as_str(), by]);
-                }
             }
         }
         tokio::select! {

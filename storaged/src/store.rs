@@ -110,11 +110,14 @@ impl Store {
     /// Reads and verifies a chunk.
     pub async fn get(&self, id: &str) -> Result<(Location, String, Bytes), StoreError> {
         validate_id(id)?;
-        let disk = self
-            .find(id)?
-            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-        let (loc, data) = disk.read(id, "read").await?;
-        Ok((loc, disk.name().to_string(), data))
+        // `Disk::read` looks the id up itself; asking each disk directly saves a second lookup.
+        for disk in &self.disks {
+            match disk.read(id, "read").await {
+                Err(StoreError::NotFound(_)) => continue,
+                r => return r.map(|(loc, data)| (loc, disk.name().to_string(), data)),
+            }
+        }
+        Err(StoreError::NotFound(id.to_string()))
     }
 
     pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
