@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: up build test deps test-deps fmt clippy unit metrics-check bench-smoke bench bench-quick clean
+.PHONY: up build test deps test-deps fmt clippy unit metrics-check bench-smoke bench bench-metad bench-quick clean
 
 deps:
 	./scripts/install-deps.sh
@@ -33,14 +33,23 @@ metrics-check:
 
 bench-smoke:
 	$(TARGET_DIR)/debug/sov-bench storaged --quick
+	$(TARGET_DIR)/debug/sov-bench metad --quick --clients 1,16
 
 ## Installs what the tests need, then every gate: fmt, clippy, tests, promtool, bench smoke.
 test: test-deps fmt clippy unit metrics-check bench-smoke
 
 ## Storage node benchmark against the raw disk (release build).
 bench: deps
-	$(CARGO) build --release -p storaged -p sov-bench
+	./scripts/install-deps.sh --bench
+	$(CARGO) build --release -p storaged -p metad -p sov-bench
 	$(TARGET_DIR)/release/sov-bench storaged
+	$(TARGET_DIR)/release/sov-bench metad
+
+## metad against etcd (three members each, loopback).
+bench-metad:
+	./scripts/install-deps.sh --bench
+	$(CARGO) build --release -p metad -p sov-bench
+	$(TARGET_DIR)/release/sov-bench metad
 
 bench-quick: deps
 	$(CARGO) build --release -p storaged -p sov-bench

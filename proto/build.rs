@@ -6,7 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     unsafe { std::env::set_var("PROTOC", protoc) };
     tonic_build::configure()
         .bytes(["."])
-        .compile_protos(&["proto/storaged.proto"], &["proto"])?;
+        .compile_protos(&["proto/storaged.proto", "proto/metad.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

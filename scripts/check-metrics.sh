@@ -1,19 +1,36 @@
 #!/usr/bin/env bash
-# Starts a storaged (from BIN_DIR, default target/debug), does a few chunk operations with the
-# sov CLI, and runs `promtool check metrics` on its /metrics. Fails on any lint problem.
+# Starts each daemon (from BIN_DIR, default target/debug): a metad, and a storaged registered
+# with it; does a few operations with the sov CLI, and runs `promtool check metrics` on each
+# daemon's /metrics. Fails on any lint problem.
 set -euo pipefail
 
 BIN_DIR=${BIN_DIR:-${CARGO_TARGET_DIR:-target}/debug}
 work=$(mktemp -d /tmp/sov-metrics-XXXXXX)
 pid=""
+mpid=""
 cleanup() {
   if [[ -n "$pid" ]]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
-  rm -rf "$work"
+  if [[ -n "$mpid" ]]; then kill "$mpid" 2>/dev/null || true; wait "$mpid" 2>/dev/null || true; fi
+  [[ -n "${KEEP:-}" ]] || rm -rf "$work"
 }
 trap cleanup EXIT
 
+json_field() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
+
+"$BIN_DIR/metad" --id 1 --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --data-dir "$work/metad" \
+  --ready-file "$work/metad-ready.json" >"$work/metad.log" 2>&1 &
+mpid=$!
+for _ in $(seq 1 600); do
+  [[ -s "$work/metad-ready.json" ]] && break
+  kill -0 "$mpid" 2>/dev/null || { cat "$work/metad.log"; echo "metad exited" >&2; exit 1; }
+  sleep 0.1
+done
+[[ -s "$work/metad-ready.json" ]] || { cat "$work/metad.log"; echo "metad not ready" >&2; exit 1; }
+metad_addr=$(json_field "$work/metad-ready.json" listen)
+metad_metrics=$(json_field "$work/metad-ready.json" metrics_listen)
+
 "$BIN_DIR/storaged" --disk "$work/disk" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
-  --ready-file "$work/ready.json" >"$work/storaged.log" 2>&1 &
+  --metad "$metad_addr" --ready-file "$work/ready.json" >"$work/storaged.log" 2>&1 &
 pid=$!
 for _ in $(seq 1 600); do
   [[ -s "$work/ready.json" ]] && break
@@ -33,3 +50,15 @@ curl -fsS "http://$metrics/metrics" >"$work/metrics.txt"
 echo "storaged /metrics: $(grep -vc '^#' "$work/metrics.txt") samples"
 promtool check metrics <"$work/metrics.txt"
 echo "promtool check metrics: storaged OK"
+
+"$BIN_DIR/sov" cluster status --metad "$metad_addr" >/dev/null
+"$BIN_DIR/sov" node list --metad "$metad_addr" >/dev/null
+"$BIN_DIR/sov" pool create p1 --redundancy replicated:1 --metad "$metad_addr" >/dev/null
+"$BIN_DIR/sov" pool list --metad "$metad_addr" >/dev/null
+sleep 0.5
+curl -fsS "http://$metad_metrics/metrics" >"$work/metad-metrics.txt"
+echo "metad /metrics: $(grep -vc '^#' "$work/metad-metrics.txt") samples"
+grep -q '^metad_storage_nodes{state="up"} 1' "$work/metad-metrics.txt" \
+  || { cat "$work/metad-metrics.txt"; echo "storaged did not register with metad" >&2; exit 1; }
+promtool check metrics <"$work/metad-metrics.txt"
+echo "promtool check metrics: metad OK"

@@ -5,8 +5,12 @@ set -euo pipefail
 
 pkgs=(clang libclang-dev curl ca-certificates)
 if [[ "${1:-}" == "--test" ]]; then
-  # promtool (from prometheus) checks /metrics; mount/umount come with util-linux.
-  pkgs+=(prometheus util-linux)
+  # promtool (from prometheus) checks /metrics; mount/umount come with util-linux; etcd is
+  # the baseline of the metad benchmark, whose quick run is part of the tests.
+  pkgs+=(prometheus util-linux etcd-server)
+fi
+if [[ "${1:-}" == "--bench" ]]; then
+  pkgs+=(etcd-server)
 fi
 
 missing=()

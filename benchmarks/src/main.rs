@@ -1,6 +1,7 @@
 //! sov-bench: benchmark programs for sov, one subcommand each, every one reporting a ratio
 //! against a baseline measured in the same run.
 
+mod metad;
 mod payload;
 mod rawdisk;
 mod report;
@@ -23,12 +24,17 @@ enum Command {
     /// Chunk PUT/GET throughput of one storaged against pwrite/pread on the same disk with
     /// the same number of fdatasyncs.
     Storaged(storaged::Args),
+    /// Linearizable writes/s and p50/p99 latency of a 3-member metad cluster at 1, 16 and 256
+    /// concurrent clients, against a 3-member etcd cluster doing the same writes, both on
+    /// loopback.
+    Metad(metad::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Storaged(args) => storaged::run(args),
+        Command::Metad(args) => metad::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

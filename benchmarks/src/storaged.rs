@@ -225,7 +225,7 @@ fn measure(args: &Args, rounds: u32, work: &Path) -> anyhow::Result<(Vec<Row>, S
 }
 
 /// Resolves on SIGINT or SIGTERM; never if the handlers cannot be installed.
-async fn interrupted() -> anyhow::Error {
+pub(crate) async fn interrupted() -> anyhow::Error {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut int), Ok(mut term)) = (
         signal(SignalKind::interrupt()),
@@ -556,7 +556,7 @@ fn command_line(args: &Args, rounds: u32) -> String {
     cmd
 }
 
-fn shell_quote(s: &str) -> String {
+pub(crate) fn shell_quote(s: &str) -> String {
     let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+=:,@".contains(c);
     if !s.is_empty() && s.chars().all(plain) {
         s.to_string()
@@ -566,7 +566,7 @@ fn shell_quote(s: &str) -> String {
 }
 
 /// The filesystem type of `path`, by statfs(2) magic number.
-fn filesystem(path: &Path) -> String {
+pub(crate) fn filesystem(path: &Path) -> String {
     use std::os::unix::ffi::OsStrExt;
     let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
         return "unknown filesystem".into();

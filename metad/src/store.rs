@@ -67,6 +67,32 @@ pub enum Command {
         expected: Option<Vec<u8>>,
         new: Option<Vec<u8>>,
     },
+    /// Applies `ops` only if every check holds, all at once; otherwise changes nothing and
+    /// reports the first check that failed.
+    Txn {
+        checks: Vec<(Vec<u8>, Check)>,
+        ops: Vec<Op>,
+    },
+}
+
+/// A condition on the state machine, checked when the command is applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Check {
+    /// The key has no value.
+    Absent,
+    /// The key has a value.
+    Exists,
+    /// The key has exactly this value.
+    Equals(Vec<u8>),
+    /// No key starts with this prefix (the check's key is the prefix).
+    PrefixEmpty,
+}
+
+/// A write inside a [`Command::Txn`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    Put { key: Vec<u8>, value: Vec<u8> },
+    Delete { key: Vec<u8> },
 }
 
 /// The outcome of one command.
@@ -75,6 +101,12 @@ pub enum CommandResult {
     Done,
     /// A compare-and-set found another value; nothing was changed.
     Conflict {
+        current: Option<Vec<u8>>,
+    },
+    /// A transaction's check number `check` failed; `current` is the key's value (for
+    /// `PrefixEmpty`, the first key found under the prefix).
+    Failed {
+        check: u32,
         current: Option<Vec<u8>>,
     },
 }
@@ -94,6 +126,15 @@ pub struct BatchResult {
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 /// The last applied log id and the membership it carries.
 type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, Member>);
+/// What [`StateMachine::walk`] does after a pair.
+pub enum Walk {
+    Next,
+    SeekTo(Vec<u8>),
+    Stop,
+}
+
+/// Values written earlier in one `apply` call, which its RocksDB batch does not show to reads.
+type Pending = std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>;
 /// Key-value pairs in key order.
 pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
 
@@ -333,6 +374,24 @@ impl StateMachine {
         self.db.get_cf(cf(&self.db, CF_SM), key)
     }
 
+    /// Visits pairs in key order from `from` (inclusive); the visitor steps, seeks or stops.
+    pub fn walk(
+        &self,
+        from: &[u8],
+        mut visit: impl FnMut(&[u8], &[u8]) -> Walk,
+    ) -> Result<(), rocksdb::Error> {
+        let mut it = self.db.raw_iterator_cf(cf(&self.db, CF_SM));
+        it.seek(from);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            match visit(k, v) {
+                Walk::Next => it.next(),
+                Walk::SeekTo(to) => it.seek(&to),
+                Walk::Stop => break,
+            }
+        }
+        it.status()
+    }
+
     /// Key-value pairs whose key starts with `prefix`, in key order, after `start_after`.
     pub fn scan(
         &self,
@@ -357,6 +416,72 @@ impl StateMachine {
             out.push((k.to_vec(), v.to_vec()));
         }
         Ok(out)
+    }
+
+    /// A key's value as the commands applied so far in this call left it.
+    fn read_through(&self, pending: &Pending, key: &[u8]) -> StorageResult<Option<Vec<u8>>> {
+        match pending.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => self
+                .db
+                .get_cf(cf(&self.db, CF_SM), key)
+                .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e)),
+        }
+    }
+
+    /// The index and current value of the first check that does not hold.
+    fn first_failed(
+        &self,
+        pending: &Pending,
+        checks: &[(Vec<u8>, Check)],
+    ) -> StorageResult<Option<(u32, Option<Vec<u8>>)>> {
+        for (i, (key, check)) in checks.iter().enumerate() {
+            let i = u32::try_from(i).unwrap_or(u32::MAX);
+            if let Check::PrefixEmpty = check {
+                if let Some(k) = self.first_under(pending, key)? {
+                    return Ok(Some((i, Some(k))));
+                }
+                continue;
+            }
+            let current = self.read_through(pending, key)?;
+            let holds = match check {
+                Check::Absent => current.is_none(),
+                Check::Exists => current.is_some(),
+                Check::Equals(v) => current.as_deref() == Some(v.as_slice()),
+                Check::PrefixEmpty => unreachable!("handled above"),
+            };
+            if !holds {
+                return Ok(Some((i, current)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Some live key under `prefix`, counting this call's pending writes, if there is one.
+    fn first_under(&self, pending: &Pending, prefix: &[u8]) -> StorageResult<Option<Vec<u8>>> {
+        if let Some((k, _)) = pending
+            .iter()
+            .find(|(k, v)| v.is_some() && k.starts_with(prefix))
+        {
+            return Ok(Some(k.clone()));
+        }
+        let iter = self.db.iterator_cf(
+            cf(&self.db, CF_SM),
+            IteratorMode::From(prefix, Direction::Forward),
+        );
+        for item in iter {
+            let (k, _) =
+                item.map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            // Deleted earlier in this call: look further.
+            if matches!(pending.get(k.as_ref()), Some(None)) {
+                continue;
+            }
+            return Ok(Some(k.to_vec()));
+        }
+        Ok(None)
     }
 
     fn applied(&self) -> StorageResult<AppliedState> {
@@ -447,7 +572,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let sm = cf(&self.db, CF_SM);
         let mut b = WriteBatch::default();
         // Values written earlier in this call, which the batch does not show to reads yet.
-        let mut pending: std::collections::HashMap<Vec<u8>, Option<Vec<u8>>> = Default::default();
+        let mut pending = Pending::default();
         let mut results = Vec::new();
         let mut applied = None;
         let mut membership = None;
@@ -474,12 +599,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 CommandResult::Done
                             }
                             Command::CompareAndSet { key, expected, new } => {
-                                let current = match pending.get(&key) {
-                                    Some(v) => v.clone(),
-                                    None => self.db.get_cf(sm, &key).map_err(|e| {
-                                        io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e)
-                                    })?,
-                                };
+                                let current = self.read_through(&pending, &key)?;
                                 if current != expected {
                                     CommandResult::Conflict { current }
                                 } else {
@@ -489,6 +609,28 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                     }
                                     pending.insert(key, new);
                                     CommandResult::Done
+                                }
+                            }
+                            Command::Txn { checks, ops } => {
+                                match self.first_failed(&pending, &checks)? {
+                                    Some((check, current)) => {
+                                        CommandResult::Failed { check, current }
+                                    }
+                                    None => {
+                                        for op in ops {
+                                            match op {
+                                                Op::Put { key, value } => {
+                                                    b.put_cf(sm, &key, &value);
+                                                    pending.insert(key, Some(value));
+                                                }
+                                                Op::Delete { key } => {
+                                                    b.delete_cf(sm, &key);
+                                                    pending.insert(key, None);
+                                                }
+                                            }
+                                        }
+                                        CommandResult::Done
+                                    }
                                 }
                             }
                         });

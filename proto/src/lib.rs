@@ -5,3 +5,9 @@ pub mod storaged {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("sov.storaged.v1");
 }
+
+/// The metadata service API and the Raft transport between its members (`sov.metad.v1`).
+pub mod metad {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("sov.metad.v1");
+}

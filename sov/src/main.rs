@@ -1,7 +1,9 @@
-//! `sov`, the admin CLI: `sov up` starts a local cluster; `sov debug chunk ...` exercises one
-//! storage node by hand. Every command takes `--output json` for scripts.
+//! `sov`, the admin CLI: `sov up` starts a local cluster; `sov cluster|node|pool|metad ...`
+//! administer it through metad; `sov debug chunk ...` exercises one storage node by hand.
+//! Every command takes `--output json` for scripts.
 
 mod chunk;
+mod cluster;
 mod up;
 
 use std::process::ExitCode;
@@ -30,6 +32,26 @@ struct Cli {
 enum Cmd {
     /// Start a local cluster of real processes and stop it on Ctrl-C.
     Up(up::UpArgs),
+    /// Cluster-wide state from metad.
+    Cluster {
+        #[command(subcommand)]
+        cmd: cluster::ClusterCmd,
+    },
+    /// Storage nodes in the cluster map.
+    Node {
+        #[command(subcommand)]
+        cmd: cluster::NodeCmd,
+    },
+    /// Storage pools: create and list.
+    Pool {
+        #[command(subcommand)]
+        cmd: cluster::PoolCmd,
+    },
+    /// metad membership: list, add and remove members.
+    Metad {
+        #[command(subcommand)]
+        cmd: cluster::MetadCmd,
+    },
     /// Low-level tools for operators and tests.
     Debug {
         #[command(subcommand)]
@@ -82,6 +104,10 @@ fn main() -> ExitCode {
     let r = rt.block_on(async move {
         match cli.cmd {
             Cmd::Up(args) => up::run(args, out).await,
+            Cmd::Cluster { cmd } => cluster::run_cluster(cmd, out).await,
+            Cmd::Node { cmd } => cluster::run_node(cmd, out).await,
+            Cmd::Pool { cmd } => cluster::run_pool(cmd, out).await,
+            Cmd::Metad { cmd } => cluster::run_metad(cmd, out).await,
             Cmd::Debug { cmd } => match cmd {
                 DebugCmd::Chunk { cmd } => chunk::run(cmd, out).await,
                 DebugCmd::NodeInfo(a) => chunk::node_info(a, out).await,

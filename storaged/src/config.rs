@@ -77,6 +77,10 @@ pub struct StoragedConfig {
     pub node_id: Option<String>,
     /// Availability zone of this node.
     pub zone: String,
+    /// metad members to register with and heartbeat to (`host:port`); empty: standalone.
+    pub metad: Vec<String>,
+    /// Address metad hands out for this node; defaults to the bound listen address.
+    pub advertise: Option<String>,
     /// Disk I/O engine.
     pub io_engine: IoEngineChoice,
     /// Largest chunk accepted.
@@ -105,6 +109,8 @@ impl Default for StoragedConfig {
             disks: Vec::new(),
             node_id: None,
             zone: "default".into(),
+            metad: Vec::new(),
+            advertise: None,
             io_engine: IoEngineChoice::Auto,
             max_chunk_size: ByteSize(16 << 20),
             segment_size: ByteSize(256 << 20),

@@ -15,6 +15,7 @@ pub mod index;
 pub mod io;
 pub mod metrics;
 pub mod record;
+pub mod registration;
 pub mod scrub;
 pub mod service;
 pub mod store;
@@ -130,6 +131,23 @@ pub async fn run(
                 Duration::from_secs(5),
             ));
         }
+    }
+    if !cfg.metad.is_empty() {
+        let node = registration::NodeRegistration {
+            id: ident.node_id.clone(),
+            addr: cfg
+                .advertise
+                .clone()
+                .unwrap_or_else(|| grpc_addr.to_string()),
+            metrics_addr: metrics_addr.to_string(),
+            zone: cfg.zone.clone(),
+        };
+        tasks.spawn(registration::run(
+            cfg.metad.clone(),
+            node,
+            store.clone(),
+            workers_sd.clone(),
+        ));
     }
     tasks.spawn(refresh_gauges(
         store.clone(),

@@ -29,6 +29,12 @@ struct Flags {
     /// Availability zone.
     #[arg(long)]
     zone: Option<String>,
+    /// metad members to register with, `host:port,host:port,...`.
+    #[arg(long, value_delimiter = ',')]
+    metad: Vec<String>,
+    /// Address metad hands out for this node (default: the bound listen address).
+    #[arg(long)]
+    advertise: Option<String>,
     /// Disk I/O engine.
     #[arg(long, value_enum)]
     io_engine: Option<IoEngineChoice>,
@@ -83,6 +89,12 @@ fn config(f: Flags) -> anyhow::Result<(StoragedConfig, Option<PathBuf>)> {
     }
     if let Some(v) = f.zone {
         c.zone = v;
+    }
+    if !f.metad.is_empty() {
+        c.metad = f.metad;
+    }
+    if f.advertise.is_some() {
+        c.advertise = f.advertise;
     }
     if let Some(v) = f.io_engine {
         c.io_engine = v;

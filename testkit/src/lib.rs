@@ -7,6 +7,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use sov_proto::metad::metad_client::MetadClient;
+use sov_proto::metad::{StatusRequest, StatusResponse};
 use sov_proto::storaged::chunk_store_client::ChunkStoreClient;
 use tonic::transport::Channel;
 
@@ -103,6 +105,16 @@ impl Process {
                 libc::kill(-(pid as i32), sig);
             }
         }
+    }
+
+    /// SIGSTOP to the whole group: the process stays, frozen (a hung member).
+    pub fn stop(&self) {
+        self.signal_group(libc::SIGSTOP);
+    }
+
+    /// SIGCONT to the whole group.
+    pub fn cont(&self) {
+        self.signal_group(libc::SIGCONT);
     }
 
     /// SIGKILL to the whole group, then reap.
@@ -315,6 +327,185 @@ impl Storaged {
 
     pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
         self.proc.terminate(timeout)
+    }
+}
+
+/// A loopback port that was free a moment ago (for daemons whose address others must know
+/// before they start, like metad members).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding a loopback port")
+}
+
+/// What metad writes to its `--ready-file`.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct MetadReady {
+    pub listen: std::net::SocketAddr,
+    pub metrics_listen: std::net::SocketAddr,
+    pub pid: u32,
+    pub id: u64,
+}
+
+/// Raft timings for tests: slow enough that two busy cores do not cause spurious elections.
+pub const METAD_TEST_FLAGS: &[&str] = &[
+    "--heartbeat-interval",
+    "200ms",
+    "--election-timeout-min",
+    "1000ms",
+    "--election-timeout-max",
+    "2000ms",
+];
+
+/// A running metad member on a fixed port (it keeps the port across restarts, as members
+/// know each other by address).
+pub struct Metad {
+    pub proc: Process,
+    pub id: u64,
+    pub addr: String,
+    pub ready: MetadReady,
+    pub work: PathBuf,
+    args: Vec<String>,
+    starts: u32,
+}
+
+impl Metad {
+    /// Starts member `id` listening on `addr`, data in `work/data`, with `extra` flags.
+    pub fn start(work: &Path, id: u64, addr: &str, extra: &[String]) -> anyhow::Result<Metad> {
+        let mut args: Vec<String> = vec![
+            "--id".into(),
+            id.to_string(),
+            "--listen".into(),
+            addr.into(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            work.join("data").display().to_string(),
+        ];
+        args.extend(METAD_TEST_FLAGS.iter().map(|s| s.to_string()));
+        args.extend(extra.iter().cloned());
+        let (proc, ready) = Self::launch(work, &args, 1)?;
+        Ok(Metad {
+            proc,
+            id,
+            addr: addr.to_string(),
+            ready,
+            work: work.to_path_buf(),
+            args,
+            starts: 1,
+        })
+    }
+
+    fn launch(work: &Path, args: &[String], n: u32) -> anyhow::Result<(Process, MetadReady)> {
+        std::fs::create_dir_all(work)?;
+        let ready_file = work.join(format!("metad-ready-{n}.json"));
+        let _ = std::fs::remove_file(&ready_file);
+        let mut all = args.to_vec();
+        all.push("--ready-file".into());
+        all.push(ready_file.display().to_string());
+        let mut proc = Process::spawn("metad", &bin_path("metad"), &all, &work.join("metad.log"))?;
+        let ready = wait_ready(&mut proc, &ready_file, Duration::from_secs(60))?;
+        Ok((proc, ready))
+    }
+
+    /// Starts it again on the same address and data (after a kill).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.proc.kill9();
+        self.starts += 1;
+        let (proc, ready) = Self::launch(&self.work, &self.args, self.starts)?;
+        self.proc = proc;
+        self.ready = ready;
+        Ok(())
+    }
+
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}/metrics", self.ready.metrics_listen)
+    }
+
+    /// A client for this member only.
+    pub fn client(&self) -> anyhow::Result<MetadClient<Channel>> {
+        let ch = Channel::from_shared(format!("http://{}", self.addr))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy();
+        Ok(MetadClient::new(ch))
+    }
+
+    /// This member's Status, or None if it does not answer within a second.
+    pub async fn status(&self) -> Option<StatusResponse> {
+        let mut c = self.client().ok()?;
+        let mut req = tonic::Request::new(StatusRequest {});
+        req.set_timeout(Duration::from_secs(1));
+        tokio::time::timeout(Duration::from_secs(2), c.status(req))
+            .await
+            .ok()?
+            .ok()
+            .map(|r| r.into_inner())
+    }
+}
+
+/// Several metad members forming one cluster.
+pub struct MetadCluster {
+    pub members: Vec<Metad>,
+}
+
+impl MetadCluster {
+    /// Starts `n` members (ids 1..=n) on free loopback ports, each in `work/metad-<id>`.
+    pub fn start(work: &Path, n: usize, extra: &[&str]) -> anyhow::Result<MetadCluster> {
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let peers = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::new();
+        for (i, p) in ports.iter().enumerate() {
+            let mut args: Vec<String> = vec!["--peers".into(), peers.clone()];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let id = i as u64 + 1;
+            members.push(Metad::start(
+                &work.join(format!("metad-{id}")),
+                id,
+                &format!("127.0.0.1:{p}"),
+                &args,
+            )?);
+        }
+        Ok(MetadCluster { members })
+    }
+
+    /// Every member's address, comma-separated (what `--metad` takes).
+    pub fn addr_list(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| m.addr.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Index (into `members`) of the member that says it leads, among those in `among`,
+    /// waiting up to `timeout` for one.
+    pub async fn leader_among(&self, among: &[usize], timeout: Duration) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for &i in among {
+                if let Some(s) = self.members[i].status().await
+                    && s.role == "leader"
+                {
+                    return Ok(i);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no leader among members {among:?} after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Like [`MetadCluster::leader_among`] over every member.
+    pub async fn leader(&self, timeout: Duration) -> anyhow::Result<usize> {
+        let all: Vec<usize> = (0..self.members.len()).collect();
+        self.leader_among(&all, timeout).await
     }
 }
 

@@ -1,0 +1,153 @@
+//! A client for metad that any sov component uses: several member addresses, retries on
+//! `UNAVAILABLE` (no leader yet, leader changed, member down) with a bounded total time, and
+//! never hunts for the leader itself (every member forwards).
+//!
+//! A retried write whose first attempt did reach the leader may be applied twice; every table
+//! operation is either idempotent or answers the repeat with a clear status (for example
+//! `ALREADY_EXISTS` for a bucket).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use sov_proto::metad::metad_client::MetadClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Response, Status};
+
+/// The generated client type for one member.
+pub type Client = MetadClient<Channel>;
+
+/// Members to talk to and how long to keep retrying.
+#[derive(Clone)]
+pub struct MetaClient {
+    clients: Arc<Vec<(String, Client)>>,
+    next: Arc<AtomicUsize>,
+    retry_for: Duration,
+}
+
+impl std::fmt::Debug for MetaClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let addrs: Vec<&str> = self.clients.iter().map(|(a, _)| a.as_str()).collect();
+        f.debug_struct("MetaClient")
+            .field("members", &addrs)
+            .finish()
+    }
+}
+
+/// Parses `host:port[,host:port...]` (an `http://` prefix is optional).
+pub fn parse_addrs(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn endpoint(addr: &str) -> Result<Endpoint, Status> {
+    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(uri)
+        .map_err(|e| Status::invalid_argument(format!("bad metad address {addr:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(2))
+        // A frozen member must not hold a caller forever; AddMember waits for catch-up, so
+        // this is generous.
+        .timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5)))
+}
+
+impl MetaClient {
+    /// A client for these members. Connects lazily; never fails on an unreachable member.
+    pub fn new(addrs: &[String]) -> Result<MetaClient, Status> {
+        if addrs.is_empty() {
+            return Err(Status::invalid_argument("no metad address given"));
+        }
+        let mut clients = Vec::new();
+        for a in addrs {
+            let ch = endpoint(a)?.connect_lazy();
+            clients.push((
+                a.clone(),
+                MetadClient::new(ch).max_decoding_message_size(64 << 20),
+            ));
+        }
+        Ok(MetaClient {
+            clients: Arc::new(clients),
+            next: Arc::new(AtomicUsize::new(0)),
+            retry_for: Duration::from_secs(15),
+        })
+    }
+
+    /// Same members, a different retry budget (0 = one attempt per member at most).
+    pub fn with_retry_for(mut self, d: Duration) -> MetaClient {
+        self.retry_for = d;
+        self
+    }
+
+    /// The first member's generated client, without retries.
+    pub fn first(&self) -> Client {
+        self.clients[0].1.clone()
+    }
+
+    /// The member addresses.
+    pub fn addrs(&self) -> Vec<String> {
+        self.clients.iter().map(|(a, _)| a.clone()).collect()
+    }
+
+    /// Calls `f` with a member's client; on `UNAVAILABLE`, `DEADLINE_EXCEEDED` from the
+    /// transport or a connection failure, moves to the next member and retries with backoff
+    /// until the retry budget is spent. Other statuses are returned as they are.
+    pub async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, Status>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(20);
+        let mut tries = 0usize;
+        loop {
+            let i = self.next.load(Ordering::Relaxed) % self.clients.len();
+            let client = self.clients[i].1.clone();
+            match f(client).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if retryable(&s) => {
+                    tries += 1;
+                    self.next.store(i + 1, Ordering::Relaxed);
+                    let spent = start.elapsed();
+                    if spent >= self.retry_for && tries >= self.clients.len() {
+                        return Err(Status::new(
+                            s.code(),
+                            format!(
+                                "metad unavailable after {tries} attempts in {:.1}s: {}",
+                                spent.as_secs_f64(),
+                                s.message()
+                            ),
+                        ));
+                    }
+                    // Try every member once quickly before sleeping.
+                    if tries.is_multiple_of(self.clients.len()) {
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_millis(250));
+                    }
+                }
+                Err(s) => return Err(s),
+            }
+        }
+    }
+}
+
+/// Whether a status means "try again, possibly elsewhere".
+pub fn retryable(s: &Status) -> bool {
+    match s.code() {
+        Code::Unavailable => true,
+        // The per-request timeout of the channel (a frozen or partitioned member).
+        Code::Cancelled => s.message().contains("Timeout"),
+        // tonic reports a refused or reset connection as Unknown with a transport source.
+        Code::Unknown => s.message().contains("transport") || s.message().contains("connect"),
+        _ => false,
+    }
+}

@@ -1,0 +1,1354 @@
+//! The `Metad` gRPC service. Any member accepts any request: writes and linearizable reads go
+//! to the leader (forwarded once by the member that received them), stale reads are answered
+//! from the receiving member's own state machine.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, RaftError};
+use prost::Message;
+use rand::Rng;
+use rand::distributions::Alphanumeric;
+use sov_common::codec;
+use sov_common::placement::{self, ClusterMap as PlacementMap, NodeInfo, NodeState, Redundancy};
+use sov_proto::metad::metad_server::Metad;
+use sov_proto::metad::*;
+use tonic::{Request, Response, Status};
+
+use crate::core::{Core, Route, unix_ms};
+use crate::store::{Check, Command, CommandResult, Member, NodeId, Op};
+use crate::tables::{self, AccessKeyRecord, DataKeyRecord};
+
+/// Header a member sets on a request it forwards, so the leader never forwards it again.
+pub const FORWARDED: &str = "x-sov-forwarded";
+/// Times a read-modify-write retries after losing a compare-and-set race.
+const RMW_TRIES: usize = 16;
+
+pub struct MetadService {
+    pub core: Arc<Core>,
+}
+
+fn forwarded<T>(req: &Request<T>) -> bool {
+    req.metadata().contains_key(FORWARDED)
+}
+
+fn forward_request<T>(inner: T) -> Request<T> {
+    let mut r = Request::new(inner);
+    r.metadata_mut()
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    r
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> Status {
+    Status::internal(format!("{what}: {e}"))
+}
+
+fn decode<T: Message + Default>(what: &str, raw: &[u8]) -> Result<T, Status> {
+    T::decode(raw).map_err(|e| internal(&format!("unreadable {what} record"), e))
+}
+
+fn stale(c: i32) -> bool {
+    c == Consistency::Stale as i32
+}
+
+/// Runs a handler for `method`: forwards it to the leader unless it may be served here,
+/// counts it and times it.
+macro_rules! handle {
+    ($self:ident, $req:ident, $method:literal, $call:ident, local_ok = $local:expr, $body:expr) => {{
+        let start = Instant::now();
+        let r = async {
+            if !$local {
+                if let Route::Leader(leader, mut c) = $self.core.route(forwarded(&$req)).await? {
+                    $self.core.metrics.forwarded.with_label_values(&[$method]).inc();
+                    return tokio::select! {
+                        r = c.$call(forward_request($req.into_inner())) => r.map(|r| r.into_inner()),
+                        _ = $self.core.leader_changed(leader) => Err(Status::unavailable(
+                            "the leader changed while the request was forwarded to it; retry",
+                        )),
+                    };
+                }
+            }
+            $body
+        }
+        .await;
+        $self.observe($method, start, r)
+    }};
+}
+
+impl MetadService {
+    fn observe<T>(
+        &self,
+        method: &str,
+        start: Instant,
+        r: Result<T, Status>,
+    ) -> Result<Response<T>, Status> {
+        let code = match &r {
+            Ok(_) => "OK".to_string(),
+            Err(s) => format!("{:?}", s.code()),
+        };
+        let m = &self.core.metrics;
+        m.requests.with_label_values(&[method, &code]).inc();
+        m.request_seconds
+            .with_label_values(&[method])
+            .observe(start.elapsed().as_secs_f64());
+        r.map(Response::new)
+    }
+
+    /// On the leader, for a linearizable read: waits for the read index.
+    async fn read_barrier(&self, consistency: i32) -> Result<(), Status> {
+        if stale(consistency) {
+            Ok(())
+        } else {
+            self.core.linearize().await
+        }
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Status> {
+        self.core
+            .sm
+            .get(key)
+            .map_err(|e| internal("reading the state machine", e))
+    }
+
+    fn scan(&self, prefix: &[u8]) -> Result<crate::store::Pairs, Status> {
+        self.core
+            .sm
+            .scan(prefix, b"", usize::MAX)
+            .map_err(|e| internal("reading the state machine", e))
+    }
+
+    /// Proposes one transaction; `Ok(None)` if it applied, else the failed check's index and
+    /// the value found.
+    async fn txn(
+        &self,
+        checks: Vec<(Vec<u8>, Check)>,
+        ops: Vec<Op>,
+    ) -> Result<Option<(u32, Option<Vec<u8>>)>, Status> {
+        let mut r = self
+            .core
+            .propose(vec![Command::Txn { checks, ops }])
+            .await?;
+        match r.pop() {
+            Some(CommandResult::Done) => Ok(None),
+            Some(CommandResult::Failed { check, current }) => Ok(Some((check, current))),
+            other => Err(internal(
+                "unexpected transaction result",
+                format!("{other:?}"),
+            )),
+        }
+    }
+
+    fn epoch(&self) -> Result<u64, Status> {
+        Ok(tables::decode_u64(self.get(tables::EPOCH_KEY)?.as_deref()))
+    }
+
+    /// Nodes and pools as this member's state machine has them.
+    fn cluster_map(&self) -> Result<ClusterMap, Status> {
+        let epoch = self.epoch()?;
+        let seen = self.core.seen.lock().expect("seen lock").clone();
+        let mut nodes = Vec::new();
+        for (_, v) in self.scan(tables::NODE_PREFIX)? {
+            let mut n: Node = decode("node", &v)?;
+            if let Some(s) = seen.get(&n.id) {
+                n.last_heartbeat_unix_ms = s.at_unix_ms;
+                for d in &mut n.disks {
+                    if let Some(live) = s.disks.iter().find(|l| l.path == d.path) {
+                        d.used_bytes = live.used_bytes;
+                        d.health = live.health.clone();
+                    }
+                }
+            }
+            nodes.push(n);
+        }
+        let mut pools = Vec::new();
+        for (_, v) in self.scan(tables::POOL_PREFIX)? {
+            pools.push(decode("pool", &v)?);
+        }
+        Ok(ClusterMap {
+            epoch,
+            nodes,
+            pools,
+        })
+    }
+
+    fn bucket_exists(&self, name: &str) -> Result<bool, Status> {
+        Ok(self.get(&tables::bucket_key(name))?.is_some())
+    }
+
+    fn no_such_bucket(name: &str) -> Status {
+        Status::not_found(format!("no such bucket: {name}"))
+    }
+
+    fn members(&self) -> ListMembersResponse {
+        let m = self.core.raft.metrics();
+        let m = m.borrow();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let leader = m.current_leader.unwrap_or(0);
+        let matched = m.replication.clone().unwrap_or_default();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| sov_proto::metad::Member {
+                id: *id,
+                addr: node.addr.clone(),
+                role: if voters.contains(id) {
+                    "voter"
+                } else {
+                    "learner"
+                }
+                .into(),
+                leader: *id == leader,
+                matched_index: if *id == m.id {
+                    m.last_log_index.unwrap_or(0)
+                } else {
+                    matched
+                        .get(id)
+                        .and_then(|l| l.map(|l| l.index))
+                        .unwrap_or(0)
+                },
+            })
+            .collect();
+        ListMembersResponse {
+            members,
+            leader_id: leader,
+        }
+    }
+}
+
+fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> Status {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+            Status::unavailable("leadership moved during the membership change; retry")
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+            Status::failed_precondition(format!("membership change refused: {c}"))
+        }
+        RaftError::Fatal(f) => Status::unavailable(format!("raft stopped: {f}")),
+    }
+}
+
+/// Converts and checks a pool's redundancy.
+fn redundancy(r: Option<&sov_proto::metad::Redundancy>) -> Result<Redundancy, Status> {
+    use sov_proto::metad::redundancy::Kind;
+    let small = |what: &str, v: u32| {
+        u8::try_from(v).map_err(|_| Status::invalid_argument(format!("{what} {v} is too large")))
+    };
+    match r.and_then(|r| r.kind.as_ref()) {
+        Some(Kind::Replicated(rep)) => Ok(Redundancy::Replicated {
+            size: small("replica count", rep.size)?,
+        }),
+        Some(Kind::Ec(ec)) => Ok(Redundancy::Ec {
+            k: small("k", ec.k)?,
+            m: small("m", ec.m)?,
+        }),
+        None => Err(Status::invalid_argument(
+            "a pool needs a redundancy: replicated{size} or ec{k,m}",
+        )),
+    }
+}
+
+const TIERS: [&str; 4] = ["performance", "standard", "hdd", "archive"];
+
+fn placement_map(nodes: &[Node], epoch: u64) -> PlacementMap {
+    PlacementMap {
+        epoch,
+        nodes: nodes
+            .iter()
+            .map(|n| NodeInfo {
+                id: n.id.clone(),
+                zone: n.zone.clone(),
+                weight: n.weight,
+                state: match n.state.as_str() {
+                    "up" => NodeState::Up,
+                    "down" => NodeState::Down,
+                    _ => NodeState::Out,
+                },
+            })
+            .collect(),
+    }
+}
+
+fn random_string(len: usize, alphabet: &[u8]) -> String {
+    let mut rng = rand::thread_rng();
+    (0..len)
+        .map(|_| alphabet[rng.gen_range(0..alphabet.len())] as char)
+        .collect()
+}
+
+fn version_id() -> String {
+    let suffix: String = rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(10)
+        .map(char::from)
+        .collect();
+    format!("{:012x}{suffix}", unix_ms())
+}
+
+fn sealed_parts(s: &codec::SealedChunk) -> (String, String) {
+    (hex::encode(&s.bytes), hex::encode(s.blake3))
+}
+
+fn unseal(core: &Core, aad: &[u8], sealed: &str, blake3_hex: &str) -> Result<Vec<u8>, Status> {
+    let master = core.master()?;
+    let bytes = hex::decode(sealed).map_err(|e| internal("sealed value is not hex", e))?;
+    let sum: [u8; 32] = hex::decode(blake3_hex)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| Status::internal("sealed value has a bad checksum field"))?;
+    codec::open(master, aad, &bytes, &sum).map_err(|e| {
+        Status::internal(format!(
+            "cannot unseal with this master key ({e}): was the key file changed?"
+        ))
+    })
+}
+
+fn access_key_aad(id: &str) -> Vec<u8> {
+    format!("sov-access-key:{id}").into_bytes()
+}
+
+fn data_key_aad(id: &str) -> Vec<u8> {
+    format!("sov-data-key:{id}").into_bytes()
+}
+
+#[tonic::async_trait]
+impl Metad for MetadService {
+    async fn status(
+        &self,
+        _req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let start = Instant::now();
+        let r = (|| {
+            let map = self.cluster_map()?;
+            let count = |s: &str| map.nodes.iter().filter(|n| n.state == s).count() as u32;
+            let members = self.members();
+            let m = self.core.raft.metrics();
+            let m = m.borrow();
+            let leader_addr = m
+                .current_leader
+                .and_then(|l| {
+                    m.membership_config
+                        .membership()
+                        .get_node(&l)
+                        .map(|n| n.addr.clone())
+                })
+                .unwrap_or_default();
+            Ok(StatusResponse {
+                member_id: self.core.id,
+                role: format!("{:?}", m.state).to_lowercase(),
+                leader_id: m.current_leader.unwrap_or(0),
+                leader_addr,
+                term: m.current_term,
+                last_log_index: m.last_log_index.unwrap_or(0),
+                applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+                snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+                members: members.members,
+                epoch: map.epoch,
+                nodes_up: count("up"),
+                nodes_down: count("down"),
+                nodes_out: count("out"),
+                pools: map.pools.len() as u32,
+            })
+        })();
+        self.observe("Status", start, r)
+    }
+
+    async fn list_members(
+        &self,
+        req: Request<ListMembersRequest>,
+    ) -> Result<Response<ListMembersResponse>, Status> {
+        handle!(self, req, "ListMembers", list_members, local_ok = false, {
+            Ok(self.members())
+        })
+    }
+
+    async fn add_member(
+        &self,
+        req: Request<AddMemberRequest>,
+    ) -> Result<Response<ListMembersResponse>, Status> {
+        handle!(self, req, "AddMember", add_member, local_ok = false, {
+            let r = req.get_ref();
+            if r.id == 0 || r.addr.trim().is_empty() {
+                return Err(Status::invalid_argument(
+                    "a member needs an id > 0 and an address",
+                ));
+            }
+            let voters: BTreeSet<NodeId> = {
+                let m = self.core.raft.metrics();
+                let m = m.borrow();
+                m.membership_config.membership().voter_ids().collect()
+            };
+            if voters.contains(&r.id) {
+                return Err(Status::already_exists(format!(
+                    "member {} is already a voter",
+                    r.id
+                )));
+            }
+            let node = Member {
+                addr: r.addr.trim().to_string(),
+            };
+            // Joins as a learner and waits until it has caught up, then becomes a voter.
+            tokio::time::timeout(
+                Duration::from_secs(120),
+                self.core.raft.add_learner(r.id, node, true),
+            )
+            .await
+            .map_err(|_| Status::deadline_exceeded("the new member did not catch up within 120s"))?
+            .map_err(membership_error)?;
+            let mut new = voters;
+            new.insert(r.id);
+            self.core
+                .raft
+                .change_membership(new, false)
+                .await
+                .map_err(membership_error)?;
+            Ok(self.members())
+        })
+    }
+
+    async fn remove_member(
+        &self,
+        req: Request<RemoveMemberRequest>,
+    ) -> Result<Response<ListMembersResponse>, Status> {
+        handle!(
+            self,
+            req,
+            "RemoveMember",
+            remove_member,
+            local_ok = false,
+            {
+                let id = req.get_ref().id;
+                let mut voters: BTreeSet<NodeId> = {
+                    let m = self.core.raft.metrics();
+                    let m = m.borrow();
+                    m.membership_config.membership().voter_ids().collect()
+                };
+                if !voters.remove(&id) {
+                    return Err(Status::not_found(format!("member {id} is not a voter")));
+                }
+                if voters.is_empty() {
+                    return Err(Status::failed_precondition("cannot remove the last member"));
+                }
+                self.core
+                    .raft
+                    .change_membership(voters, false)
+                    .await
+                    .map_err(membership_error)?;
+                Ok(self.members())
+            }
+        )
+    }
+
+    async fn register_node(
+        &self,
+        req: Request<RegisterNodeRequest>,
+    ) -> Result<Response<RegisterNodeResponse>, Status> {
+        handle!(
+            self,
+            req,
+            "RegisterNode",
+            register_node,
+            local_ok = false,
+            {
+                let Some(mut node) = req.into_inner().node else {
+                    return Err(Status::invalid_argument("RegisterNode needs a node"));
+                };
+                tables::validate_node_id(&node.id).map_err(Status::invalid_argument)?;
+                if node.addr.trim().is_empty() {
+                    return Err(Status::invalid_argument("a node needs an address"));
+                }
+                if node.zone.is_empty() {
+                    node.zone = "default".into();
+                }
+                tables::validate_name("zone", &node.zone).map_err(Status::invalid_argument)?;
+                let live_disks = node.disks.clone();
+                for d in &mut node.disks {
+                    d.used_bytes = 0;
+                    d.health.clear();
+                }
+                if node.capacity_bytes == 0 {
+                    node.capacity_bytes = node.disks.iter().map(|d| d.capacity_bytes).sum();
+                }
+                if node.weight == 0 {
+                    node.weight = node.capacity_bytes;
+                }
+                node.state = "up".into();
+                node.last_heartbeat_unix_ms = 0;
+                let epoch = self
+                    .put_node(node.clone(), |old| {
+                        let mut n = node.clone();
+                        n.changed_epoch = old.map(|o| o.changed_epoch).unwrap_or(0);
+                        n
+                    })
+                    .await?;
+                self.core.saw(&node.id, live_disks);
+                Ok(RegisterNodeResponse {
+                    epoch,
+                    heartbeat_interval_ms: self.core.cfg.nodes.heartbeat_interval.0.as_millis()
+                        as u64,
+                })
+            }
+        )
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        handle!(self, req, "Heartbeat", heartbeat, local_ok = false, {
+            let r = req.into_inner();
+            let Some(raw) = self.get(&tables::node_key(&r.node_id))? else {
+                return Err(Status::not_found(format!(
+                    "unknown node {:?}: register first",
+                    r.node_id
+                )));
+            };
+            self.core.saw(&r.node_id, r.disks);
+            let node: Node = decode("node", &raw)?;
+            let epoch = if node.state != "up" {
+                set_node_state(&self.core, &r.node_id, "up").await?
+            } else {
+                self.epoch()?
+            };
+            Ok(HeartbeatResponse { epoch })
+        })
+    }
+
+    async fn get_cluster_map(
+        &self,
+        req: Request<GetClusterMapRequest>,
+    ) -> Result<Response<ClusterMap>, Status> {
+        let local = stale(req.get_ref().consistency);
+        handle!(
+            self,
+            req,
+            "GetClusterMap",
+            get_cluster_map,
+            local_ok = local,
+            {
+                self.read_barrier(req.get_ref().consistency).await?;
+                self.cluster_map()
+            }
+        )
+    }
+
+    async fn create_pool(
+        &self,
+        req: Request<CreatePoolRequest>,
+    ) -> Result<Response<CreatePoolResponse>, Status> {
+        handle!(self, req, "CreatePool", create_pool, local_ok = false, {
+            let r = req.into_inner();
+            tables::validate_name("pool name", &r.name).map_err(Status::invalid_argument)?;
+            let red = redundancy(r.redundancy.as_ref())?;
+            let tier = if r.tier.is_empty() {
+                "standard".to_string()
+            } else {
+                r.tier.clone()
+            };
+            if !TIERS.contains(&tier.as_str()) {
+                return Err(Status::invalid_argument(format!(
+                    "unknown tier {tier:?}: one of {}",
+                    TIERS.join(", ")
+                )));
+            }
+            if r.pg_count > 65_536 {
+                return Err(Status::invalid_argument("pg_count is at most 65536"));
+            }
+            let _g = self.core.map_lock.lock().await;
+            let map = self.cluster_map()?;
+            let pmap = placement_map(&map.nodes, map.epoch);
+            placement::check_profile(&red, &pmap).map_err(|e| {
+                Status::failed_precondition(format!("pool {} refused: {e}", r.name))
+            })?;
+            let warning = placement::zone_shortfall(&red, &pmap).unwrap_or_default();
+            let eligible = pmap.nodes.iter().filter(|n| n.is_eligible()).count().max(1);
+            let pg_count = if r.pg_count > 0 {
+                r.pg_count
+            } else {
+                // About 100 PG members per node, a power of two, at least 32.
+                ((eligible * 100 / red.width().max(1)).max(32) as u32)
+                    .next_power_of_two()
+                    .min(4096)
+            };
+            let next_raw = self.get(tables::NEXT_POOL_ID_KEY)?;
+            let id = tables::decode_u64(next_raw.as_deref()).max(1);
+            let pool = Pool {
+                name: r.name.clone(),
+                id,
+                redundancy: r.redundancy,
+                tier,
+                pg_count,
+                created_epoch: map.epoch,
+            };
+            let next_check = match next_raw {
+                Some(v) => Check::Equals(v),
+                None => Check::Absent,
+            };
+            let failed = self
+                .txn(
+                    vec![
+                        (tables::pool_key(&r.name), Check::Absent),
+                        (tables::NEXT_POOL_ID_KEY.to_vec(), next_check),
+                    ],
+                    vec![
+                        Op::Put {
+                            key: tables::pool_key(&r.name),
+                            value: pool.encode_to_vec(),
+                        },
+                        Op::Put {
+                            key: tables::NEXT_POOL_ID_KEY.to_vec(),
+                            value: tables::encode_u64(id + 1),
+                        },
+                    ],
+                )
+                .await?;
+            match failed {
+                None => Ok(CreatePoolResponse {
+                    pool: Some(pool),
+                    warning,
+                }),
+                Some((0, _)) => Err(Status::already_exists(format!(
+                    "pool {} already exists",
+                    r.name
+                ))),
+                Some(_) => Err(Status::aborted("pool ids raced; retry")),
+            }
+        })
+    }
+
+    async fn list_pools(
+        &self,
+        req: Request<ListPoolsRequest>,
+    ) -> Result<Response<ListPoolsResponse>, Status> {
+        let local = stale(req.get_ref().consistency);
+        handle!(self, req, "ListPools", list_pools, local_ok = local, {
+            self.read_barrier(req.get_ref().consistency).await?;
+            Ok(ListPoolsResponse {
+                pools: self.cluster_map()?.pools,
+            })
+        })
+    }
+
+    async fn create_bucket(
+        &self,
+        req: Request<CreateBucketRequest>,
+    ) -> Result<Response<Bucket>, Status> {
+        handle!(
+            self,
+            req,
+            "CreateBucket",
+            create_bucket,
+            local_ok = false,
+            {
+                let r = req.into_inner();
+                tables::validate_bucket_name(&r.name).map_err(Status::invalid_argument)?;
+                let bucket = Bucket {
+                    name: r.name.clone(),
+                    owner: r.owner.clone(),
+                    created_unix_ms: unix_ms(),
+                    pool: r.pool.clone(),
+                };
+                let mut checks = vec![(tables::bucket_key(&r.name), Check::Absent)];
+                if !r.pool.is_empty() {
+                    checks.push((tables::pool_key(&r.pool), Check::Exists));
+                }
+                let failed = self
+                    .txn(
+                        checks,
+                        vec![Op::Put {
+                            key: tables::bucket_key(&r.name),
+                            value: bucket.encode_to_vec(),
+                        }],
+                    )
+                    .await?;
+                match failed {
+                    None => Ok(bucket),
+                    Some((0, cur)) => {
+                        let owner = cur
+                            .and_then(|c| Bucket::decode(c.as_slice()).ok())
+                            .map(|b| b.owner)
+                            .unwrap_or_default();
+                        Err(Status::already_exists(format!(
+                            "bucket {} already exists (owner {owner:?})",
+                            r.name
+                        )))
+                    }
+                    Some(_) => Err(Status::not_found(format!("no such pool: {}", r.pool))),
+                }
+            }
+        )
+    }
+
+    async fn get_bucket(&self, req: Request<GetBucketRequest>) -> Result<Response<Bucket>, Status> {
+        let local = stale(req.get_ref().consistency);
+        handle!(self, req, "GetBucket", get_bucket, local_ok = local, {
+            let r = req.get_ref();
+            tables::validate_bucket_name(&r.name).map_err(Status::invalid_argument)?;
+            self.read_barrier(r.consistency).await?;
+            match self.get(&tables::bucket_key(&r.name))? {
+                Some(v) => decode("bucket", &v),
+                None => Err(Self::no_such_bucket(&r.name)),
+            }
+        })
+    }
+
+    async fn delete_bucket(
+        &self,
+        req: Request<DeleteBucketRequest>,
+    ) -> Result<Response<DeleteBucketResponse>, Status> {
+        handle!(
+            self,
+            req,
+            "DeleteBucket",
+            delete_bucket,
+            local_ok = false,
+            {
+                let name = req.into_inner().name;
+                tables::validate_bucket_name(&name).map_err(Status::invalid_argument)?;
+                for _ in 0..RMW_TRIES {
+                    let Some(cur) = self.get(&tables::bucket_key(&name))? else {
+                        return Err(Self::no_such_bucket(&name));
+                    };
+                    let failed = self
+                        .txn(
+                            vec![
+                                (tables::bucket_key(&name), Check::Equals(cur)),
+                                (tables::objects_prefix(&name), Check::PrefixEmpty),
+                            ],
+                            vec![Op::Delete {
+                                key: tables::bucket_key(&name),
+                            }],
+                        )
+                        .await?;
+                    match failed {
+                        None => return Ok(DeleteBucketResponse {}),
+                        Some((1, _)) => {
+                            return Err(Status::failed_precondition(format!(
+                                "bucket {name} is not empty"
+                            )));
+                        }
+                        Some(_) => continue,
+                    }
+                }
+                Err(Status::aborted("bucket kept changing; retry"))
+            }
+        )
+    }
+
+    async fn list_buckets(
+        &self,
+        req: Request<ListBucketsRequest>,
+    ) -> Result<Response<ListBucketsResponse>, Status> {
+        let local = stale(req.get_ref().consistency);
+        handle!(self, req, "ListBuckets", list_buckets, local_ok = local, {
+            let r = req.get_ref();
+            self.read_barrier(r.consistency).await?;
+            let mut buckets = Vec::new();
+            for (_, v) in self.scan(tables::BUCKET_PREFIX)? {
+                let b: Bucket = decode("bucket", &v)?;
+                if r.owner.is_empty() || b.owner == r.owner {
+                    buckets.push(b);
+                }
+            }
+            Ok(ListBucketsResponse { buckets })
+        })
+    }
+
+    async fn put_object(
+        &self,
+        req: Request<PutObjectRequest>,
+    ) -> Result<Response<PutObjectResponse>, Status> {
+        handle!(self, req, "PutObject", put_object, local_ok = false, {
+            let r = req.into_inner();
+            let Some(mut obj) = r.object else {
+                return Err(Status::invalid_argument("PutObject needs an object"));
+            };
+            tables::validate_bucket_name(&obj.bucket).map_err(Status::invalid_argument)?;
+            tables::validate_object_key(&obj.key).map_err(Status::invalid_argument)?;
+            if obj.version_id.is_empty() {
+                obj.version_id = version_id();
+            }
+            if obj.modified_unix_ms == 0 {
+                obj.modified_unix_ms = unix_ms();
+            }
+            let key = tables::object_key(&obj.bucket, &obj.key);
+            let value = obj.encode_to_vec();
+            for _ in 0..RMW_TRIES {
+                let cur = self.get(&key)?;
+                let replaced = cur
+                    .as_deref()
+                    .map(|c| decode::<ObjectVersion>("object", c))
+                    .transpose()?;
+                if let Some(want) = &r.expected_version_id {
+                    let have = replaced
+                        .as_ref()
+                        .map(|o| o.version_id.as_str())
+                        .unwrap_or("");
+                    if have != want {
+                        return Err(Status::failed_precondition(format!(
+                            "current version is {have:?}, not {want:?}"
+                        )));
+                    }
+                }
+                let obj_check = match cur {
+                    Some(c) => Check::Equals(c),
+                    None => Check::Absent,
+                };
+                let failed = self
+                    .txn(
+                        vec![
+                            (tables::bucket_key(&obj.bucket), Check::Exists),
+                            (key.clone(), obj_check),
+                        ],
+                        vec![Op::Put {
+                            key: key.clone(),
+                            value: value.clone(),
+                        }],
+                    )
+                    .await?;
+                match failed {
+                    None => {
+                        return Ok(PutObjectResponse {
+                            object: Some(obj),
+                            replaced,
+                        });
+                    }
+                    Some((0, _)) => return Err(Self::no_such_bucket(&obj.bucket)),
+                    Some(_) => continue,
+                }
+            }
+            Err(Status::aborted("the key kept changing; retry"))
+        })
+    }
+
+    async fn get_object(
+        &self,
+        req: Request<GetObjectRequest>,
+    ) -> Result<Response<ObjectVersion>, Status> {
+        let local = stale(req.get_ref().consistency);
+        handle!(self, req, "GetObject", get_object, local_ok = local, {
+            let r = req.get_ref();
+            tables::validate_bucket_name(&r.bucket).map_err(Status::invalid_argument)?;
+            tables::validate_object_key(&r.key).map_err(Status::invalid_argument)?;
+            self.read_barrier(r.consistency).await?;
+            match self.get(&tables::object_key(&r.bucket, &r.key))? {
+                Some(v) => decode("object", &v),
+                None if !self.bucket_exists(&r.bucket)? => Err(Self::no_such_bucket(&r.bucket)),
+                None => Err(Status::not_found(format!("no such key: {}", r.key))),
+            }
+        })
+    }
+
+    async fn delete_object(
+        &self,
+        req: Request<DeleteObjectRequest>,
+    ) -> Result<Response<DeleteObjectResponse>, Status> {
+        handle!(
+            self,
+            req,
+            "DeleteObject",
+            delete_object,
+            local_ok = false,
+            {
+                let r = req.into_inner();
+                tables::validate_bucket_name(&r.bucket).map_err(Status::invalid_argument)?;
+                tables::validate_object_key(&r.key).map_err(Status::invalid_argument)?;
+                let key = tables::object_key(&r.bucket, &r.key);
+                for _ in 0..RMW_TRIES {
+                    let cur = self.get(&key)?;
+                    let Some(cur) = cur else {
+                        if !self.bucket_exists(&r.bucket)? {
+                            return Err(Self::no_such_bucket(&r.bucket));
+                        }
+                        if let Some(want) =
+                            r.expected_version_id.as_deref().filter(|w| !w.is_empty())
+                        {
+                            return Err(Status::failed_precondition(format!(
+                                "no current version, not {want:?}"
+                            )));
+                        }
+                        return Ok(DeleteObjectResponse { deleted: None });
+                    };
+                    let deleted: ObjectVersion = decode("object", &cur)?;
+                    if let Some(want) = &r.expected_version_id
+                        && &deleted.version_id != want
+                    {
+                        {
+                            return Err(Status::failed_precondition(format!(
+                                "current version is {:?}, not {want:?}",
+                                deleted.version_id
+                            )));
+                        }
+                    }
+                    let failed = self
+                        .txn(
+                            vec![(key.clone(), Check::Equals(cur))],
+                            vec![Op::Delete { key: key.clone() }],
+                        )
+                        .await?;
+                    if failed.is_none() {
+                        return Ok(DeleteObjectResponse {
+                            deleted: Some(deleted),
+                        });
+                    }
+                }
+                Err(Status::aborted("the key kept changing; retry"))
+            }
+        )
+    }
+
+    async fn list_objects(
+        &self,
+        req: Request<ListObjectsRequest>,
+    ) -> Result<Response<ListObjectsResponse>, Status> {
+        let local = stale(req.get_ref().consistency);
+        handle!(self, req, "ListObjects", list_objects, local_ok = local, {
+            let r = req.get_ref();
+            tables::validate_bucket_name(&r.bucket).map_err(Status::invalid_argument)?;
+            for (what, v) in [("prefix", &r.prefix), ("start_after", &r.start_after)] {
+                if v.len() > tables::MAX_KEY_LEN {
+                    return Err(Status::invalid_argument(format!(
+                        "{what} is longer than {} bytes",
+                        tables::MAX_KEY_LEN
+                    )));
+                }
+            }
+            if r.delimiter.len() > 64 {
+                return Err(Status::invalid_argument(
+                    "delimiter is longer than 64 bytes",
+                ));
+            }
+            if r.max_keys as usize > tables::MAX_LIST {
+                return Err(Status::invalid_argument(format!(
+                    "max_keys is at most {}",
+                    tables::MAX_LIST
+                )));
+            }
+            self.read_barrier(r.consistency).await?;
+            if !self.bucket_exists(&r.bucket)? {
+                return Err(Self::no_such_bucket(&r.bucket));
+            }
+            let max = if r.max_keys == 0 {
+                tables::MAX_LIST
+            } else {
+                r.max_keys as usize
+            };
+            let l = tables::list_objects(
+                &self.core.sm,
+                &r.bucket,
+                &r.prefix,
+                &r.delimiter,
+                &r.start_after,
+                max,
+            )
+            .map_err(Status::internal)?;
+            Ok(ListObjectsResponse {
+                objects: l.objects,
+                common_prefixes: l.common_prefixes,
+                truncated: l.truncated,
+                next_start_after: l.next_start_after,
+            })
+        })
+    }
+
+    async fn create_access_key(
+        &self,
+        req: Request<CreateAccessKeyRequest>,
+    ) -> Result<Response<AccessKeySecret>, Status> {
+        handle!(
+            self,
+            req,
+            "CreateAccessKey",
+            create_access_key,
+            local_ok = false,
+            {
+                let name = req.into_inner().name;
+                if name.len() > 128 {
+                    return Err(Status::invalid_argument(
+                        "key name is longer than 128 bytes",
+                    ));
+                }
+                let master = self.core.master()?;
+                let id = format!(
+                    "SOV{}",
+                    random_string(17, b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+                );
+                let secret = random_string(
+                    40,
+                    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",
+                );
+                let sealed = codec::seal(master, &access_key_aad(&id), secret.as_bytes());
+                let (sealed_secret, sealed_blake3) = sealed_parts(&sealed);
+                let created = unix_ms();
+                let rec = AccessKeyRecord {
+                    version: 1,
+                    access_key_id: id.clone(),
+                    name: name.clone(),
+                    created_unix_ms: created,
+                    sealed_secret,
+                    sealed_blake3,
+                };
+                let value = serde_json::to_vec(&rec).map_err(|e| internal("encode", e))?;
+                let failed = self
+                    .txn(
+                        vec![(tables::akey_key(&id), Check::Absent)],
+                        vec![Op::Put {
+                            key: tables::akey_key(&id),
+                            value,
+                        }],
+                    )
+                    .await?;
+                if failed.is_some() {
+                    return Err(Status::aborted("access key id collision; retry"));
+                }
+                Ok(AccessKeySecret {
+                    key: Some(AccessKey {
+                        access_key_id: id,
+                        name,
+                        created_unix_ms: created,
+                    }),
+                    secret_access_key: secret,
+                })
+            }
+        )
+    }
+
+    async fn get_access_key(
+        &self,
+        req: Request<GetAccessKeyRequest>,
+    ) -> Result<Response<AccessKeySecret>, Status> {
+        let local = stale(req.get_ref().consistency);
+        handle!(
+            self,
+            req,
+            "GetAccessKey",
+            get_access_key,
+            local_ok = local,
+            {
+                let r = req.get_ref();
+                self.core.master()?;
+                self.read_barrier(r.consistency).await?;
+                let Some(raw) = self.get(&tables::akey_key(&r.access_key_id))? else {
+                    return Err(Status::not_found(format!(
+                        "no such access key: {}",
+                        r.access_key_id
+                    )));
+                };
+                let rec: AccessKeyRecord = serde_json::from_slice(&raw)
+                    .map_err(|e| internal("unreadable access key", e))?;
+                let secret = unseal(
+                    &self.core,
+                    &access_key_aad(&rec.access_key_id),
+                    &rec.sealed_secret,
+                    &rec.sealed_blake3,
+                )?;
+                Ok(AccessKeySecret {
+                    key: Some(AccessKey {
+                        access_key_id: rec.access_key_id,
+                        name: rec.name,
+                        created_unix_ms: rec.created_unix_ms,
+                    }),
+                    secret_access_key: String::from_utf8(secret)
+                        .map_err(|e| internal("secret is not UTF-8", e))?,
+                })
+            }
+        )
+    }
+
+    async fn list_access_keys(
+        &self,
+        req: Request<ListAccessKeysRequest>,
+    ) -> Result<Response<ListAccessKeysResponse>, Status> {
+        handle!(
+            self,
+            req,
+            "ListAccessKeys",
+            list_access_keys,
+            local_ok = false,
+            {
+                self.read_barrier(Consistency::Linearizable as i32).await?;
+                let mut keys = Vec::new();
+                for (_, v) in self.scan(tables::AKEY_PREFIX)? {
+                    let rec: AccessKeyRecord = serde_json::from_slice(&v)
+                        .map_err(|e| internal("unreadable access key", e))?;
+                    keys.push(AccessKey {
+                        access_key_id: rec.access_key_id,
+                        name: rec.name,
+                        created_unix_ms: rec.created_unix_ms,
+                    });
+                }
+                Ok(ListAccessKeysResponse { keys })
+            }
+        )
+    }
+
+    async fn delete_access_key(
+        &self,
+        req: Request<DeleteAccessKeyRequest>,
+    ) -> Result<Response<DeleteAccessKeyResponse>, Status> {
+        handle!(
+            self,
+            req,
+            "DeleteAccessKey",
+            delete_access_key,
+            local_ok = false,
+            {
+                let id = req.into_inner().access_key_id;
+                let key = tables::akey_key(&id);
+                match self
+                    .txn(vec![(key.clone(), Check::Exists)], vec![Op::Delete { key }])
+                    .await?
+                {
+                    None => Ok(DeleteAccessKeyResponse {}),
+                    Some(_) => Err(Status::not_found(format!("no such access key: {id}"))),
+                }
+            }
+        )
+    }
+
+    async fn create_data_key(
+        &self,
+        req: Request<CreateDataKeyRequest>,
+    ) -> Result<Response<DataKey>, Status> {
+        handle!(
+            self,
+            req,
+            "CreateDataKey",
+            create_data_key,
+            local_ok = false,
+            {
+                let purpose = req.into_inner().purpose;
+                if purpose.len() > 256 {
+                    return Err(Status::invalid_argument("purpose is longer than 256 bytes"));
+                }
+                let master = self.core.master()?;
+                let id = hex::encode(rand::random::<[u8; 16]>());
+                let key = codec::ChunkKey::generate();
+                let wrapped = codec::seal(master, &data_key_aad(&id), key.as_bytes());
+                let (wrapped, wrapped_blake3) = sealed_parts(&wrapped);
+                let created = unix_ms();
+                let rec = DataKeyRecord {
+                    version: 1,
+                    id: id.clone(),
+                    purpose: purpose.clone(),
+                    created_unix_ms: created,
+                    wrapped,
+                    wrapped_blake3,
+                };
+                let value = serde_json::to_vec(&rec).map_err(|e| internal("encode", e))?;
+                if self
+                    .txn(
+                        vec![(tables::dkey_key(&id), Check::Absent)],
+                        vec![Op::Put {
+                            key: tables::dkey_key(&id),
+                            value,
+                        }],
+                    )
+                    .await?
+                    .is_some()
+                {
+                    return Err(Status::aborted("data key id collision; retry"));
+                }
+                Ok(DataKey {
+                    id,
+                    key: key.as_bytes().to_vec().into(),
+                    purpose,
+                    created_unix_ms: created,
+                })
+            }
+        )
+    }
+
+    async fn get_data_key(
+        &self,
+        req: Request<GetDataKeyRequest>,
+    ) -> Result<Response<DataKey>, Status> {
+        handle!(self, req, "GetDataKey", get_data_key, local_ok = false, {
+            let id = req.get_ref().id.clone();
+            self.core.master()?;
+            self.read_barrier(Consistency::Linearizable as i32).await?;
+            let Some(raw) = self.get(&tables::dkey_key(&id))? else {
+                return Err(Status::not_found(format!("no such data key: {id}")));
+            };
+            let rec: DataKeyRecord =
+                serde_json::from_slice(&raw).map_err(|e| internal("unreadable data key", e))?;
+            let key = unseal(
+                &self.core,
+                &data_key_aad(&id),
+                &rec.wrapped,
+                &rec.wrapped_blake3,
+            )?;
+            Ok(DataKey {
+                id,
+                key: key.into(),
+                purpose: rec.purpose,
+                created_unix_ms: rec.created_unix_ms,
+            })
+        })
+    }
+}
+
+impl MetadService {
+    /// Writes a node record built by `make` from the current one, bumping the epoch if it
+    /// changed. Returns the epoch after.
+    async fn put_node(
+        &self,
+        node: Node,
+        make: impl Fn(Option<&Node>) -> Node,
+    ) -> Result<u64, Status> {
+        let _g = self.core.map_lock.lock().await;
+        for _ in 0..RMW_TRIES {
+            let key = tables::node_key(&node.id);
+            let cur_raw = self.get(&key)?;
+            let cur = cur_raw
+                .as_deref()
+                .map(|c| decode::<Node>("node", c))
+                .transpose()?;
+            let mut new = make(cur.as_ref());
+            let epoch_raw = self.get(tables::EPOCH_KEY)?;
+            let epoch = tables::decode_u64(epoch_raw.as_deref());
+            if cur.as_ref() == Some(&new) {
+                return Ok(epoch);
+            }
+            new.changed_epoch = epoch + 1;
+            let failed = self
+                .txn(
+                    vec![
+                        (
+                            key.clone(),
+                            cur_raw.map(Check::Equals).unwrap_or(Check::Absent),
+                        ),
+                        (
+                            tables::EPOCH_KEY.to_vec(),
+                            epoch_raw.map(Check::Equals).unwrap_or(Check::Absent),
+                        ),
+                    ],
+                    vec![
+                        Op::Put {
+                            key,
+                            value: new.encode_to_vec(),
+                        },
+                        Op::Put {
+                            key: tables::EPOCH_KEY.to_vec(),
+                            value: tables::encode_u64(epoch + 1),
+                        },
+                    ],
+                )
+                .await?;
+            if failed.is_none() {
+                tracing::info!(node = %new.id, state = %new.state, epoch = epoch + 1, "cluster map changed");
+                return Ok(epoch + 1);
+            }
+        }
+        Err(Status::aborted("cluster map kept changing; retry"))
+    }
+}
+
+/// Sets a node's state (a new epoch if it changed). Leader only.
+pub async fn set_node_state(core: &Arc<Core>, id: &str, state: &str) -> Result<u64, Status> {
+    let svc = MetadService { core: core.clone() };
+    let Some(raw) = svc.get(&tables::node_key(id))? else {
+        return Err(Status::not_found(format!("unknown node {id:?}")));
+    };
+    let node: Node = decode("node", &raw)?;
+    let state = state.to_string();
+    svc.put_node(node, |cur| {
+        let mut n = cur.cloned().unwrap_or_default();
+        n.state = state.clone();
+        n
+    })
+    .await
+}
+
+/// The leader's liveness pass: nodes silent past `down_after` go `down`, past `out_after` go
+/// `out`. A new leadership (term) restarts every node's clock, so a leader change never marks
+/// a node down by itself.
+pub async fn liveness_pass(core: &Arc<Core>) -> Result<(), Status> {
+    let (leading, term) = {
+        let m = core.raft.metrics();
+        let m = m.borrow();
+        (m.state == openraft::ServerState::Leader, m.current_term)
+    };
+    if !leading {
+        return Ok(());
+    }
+    let svc = MetadService { core: core.clone() };
+    let nodes: Vec<Node> = svc
+        .scan(tables::NODE_PREFIX)?
+        .iter()
+        .map(|(_, v)| decode("node", v))
+        .collect::<Result<_, _>>()?;
+    let now = Instant::now();
+    let mut changes = Vec::new();
+    {
+        let mut seen_term = core.seen_term.lock().expect("seen term lock");
+        let mut seen = core.seen.lock().expect("seen lock");
+        if *seen_term != term {
+            *seen_term = term;
+            for n in &nodes {
+                seen.entry(n.id.clone()).or_insert(crate::core::Seen {
+                    at: now,
+                    at_unix_ms: unix_ms(),
+                    disks: Vec::new(),
+                });
+            }
+            for s in seen.values_mut() {
+                s.at = now;
+            }
+        }
+        for n in &nodes {
+            let at = seen
+                .entry(n.id.clone())
+                .or_insert(crate::core::Seen {
+                    at: now,
+                    at_unix_ms: unix_ms(),
+                    disks: Vec::new(),
+                })
+                .at;
+            let silent = now.duration_since(at);
+            let want = if silent >= core.cfg.nodes.out_after.0 {
+                "out"
+            } else if silent >= core.cfg.nodes.down_after.0 {
+                "down"
+            } else {
+                continue;
+            };
+            // Only ever downgrade here: up -> down -> out. A heartbeat brings it back.
+            let rank = |s: &str| match s {
+                "up" => 0,
+                "down" => 1,
+                _ => 2,
+            };
+            if rank(want) > rank(&n.state) {
+                changes.push((n.id.clone(), want));
+            }
+        }
+    }
+    for (id, state) in changes {
+        set_node_state(core, &id, state).await?;
+    }
+    Ok(())
+}
+
+/// The cluster map in figures, for the gauges.
+pub struct MapSummary {
+    pub epoch: u64,
+    pub nodes_by_state: Vec<(&'static str, i64)>,
+    pub pools: i64,
+}
+
+/// Epoch, node counts by state and pool count, from this member's state machine.
+pub fn map_summary(core: &Arc<Core>) -> Result<MapSummary, Status> {
+    let svc = MetadService { core: core.clone() };
+    let map = svc.cluster_map()?;
+    let count = |s: &str| map.nodes.iter().filter(|n| n.state == s).count() as i64;
+    Ok(MapSummary {
+        epoch: map.epoch,
+        nodes_by_state: vec![
+            ("up", count("up")),
+            ("down", count("down")),
+            ("out", count("out")),
+        ],
+        pools: map.pools.len() as i64,
+    })
+}

@@ -1,0 +1,126 @@
+//! Membership in the cluster map: registers this node with metad at start (retrying until
+//! metad answers), then heartbeats with live disk figures. A heartbeat that metad does not
+//! recognise (the map was rebuilt, or the node was removed) registers again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metad::client::MetaClient;
+use sov_common::shutdown::Shutdown;
+use sov_proto::metad::{Disk, HeartbeatRequest, Node, RegisterNodeRequest};
+use tonic::Code;
+
+use crate::store::Store;
+
+/// What this node tells metad about itself.
+#[derive(Debug, Clone)]
+pub struct NodeRegistration {
+    pub id: String,
+    pub addr: String,
+    pub metrics_addr: String,
+    pub zone: String,
+}
+
+async fn disks(store: &Arc<Store>) -> Vec<Disk> {
+    let s = store.clone();
+    let stats = tokio::task::spawn_blocking(move || s.stats())
+        .await
+        .unwrap_or_default();
+    stats
+        .into_iter()
+        .map(|(name, st)| Disk {
+            path: name,
+            capacity_bytes: st.space.capacity,
+            used_bytes: st.space.used,
+            health: if st.health.starts_with("failed") {
+                "failed".into()
+            } else {
+                st.health
+            },
+        })
+        .collect()
+}
+
+async fn register(
+    client: &MetaClient,
+    me: &NodeRegistration,
+    store: &Arc<Store>,
+) -> Result<Duration, tonic::Status> {
+    let disks = disks(store).await;
+    let node = Node {
+        id: me.id.clone(),
+        addr: me.addr.clone(),
+        zone: me.zone.clone(),
+        capacity_bytes: disks
+            .iter()
+            .filter(|d| d.health != "failed")
+            .map(|d| d.capacity_bytes)
+            .sum(),
+        disks,
+        metrics_addr: me.metrics_addr.clone(),
+        ..Default::default()
+    };
+    let req = RegisterNodeRequest { node: Some(node) };
+    let r = client
+        .call(|mut c| {
+            let req = req.clone();
+            async move { c.register_node(req).await }
+        })
+        .await?;
+    tracing::info!(epoch = r.epoch, node = %me.id, "registered with metad");
+    Ok(Duration::from_millis(
+        r.heartbeat_interval_ms.clamp(100, 60_000),
+    ))
+}
+
+/// Registers, then heartbeats until `sd`.
+pub async fn run(metad: Vec<String>, me: NodeRegistration, store: Arc<Store>, mut sd: Shutdown) {
+    let client = match MetaClient::new(&metad) {
+        Ok(c) => c.with_retry_for(Duration::from_secs(2)),
+        Err(e) => {
+            tracing::error!(error = %e.message(), "bad metad address; not registering");
+            return;
+        }
+    };
+    let mut interval: Option<Duration> = None;
+    loop {
+        let pause = match interval {
+            None => match register(&client, &me, &store).await {
+                Ok(i) => {
+                    interval = Some(i);
+                    i
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e.message(), "registering with metad failed; retrying");
+                    Duration::from_secs(1)
+                }
+            },
+            Some(i) => {
+                let req = HeartbeatRequest {
+                    node_id: me.id.clone(),
+                    disks: disks(&store).await,
+                };
+                let r = client
+                    .call(|mut c| {
+                        let req = req.clone();
+                        async move { c.heartbeat(req).await }
+                    })
+                    .await;
+                match r {
+                    Ok(_) => {}
+                    Err(e) if e.code() == Code::NotFound => {
+                        tracing::warn!("metad does not know this node; registering again");
+                        interval = None;
+                        continue;
+                    }
+                    Err(e) => tracing::warn!(error = %e.message(), "heartbeat to metad failed"),
+                }
+                i
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = sd.wait() => return,
+        }
+    }
+}
