@@ -136,9 +136,11 @@ impl Core {
     pub async fn route(&self, forwarded: bool) -> Result<Route, Status> {
         let deadline = Instant::now() + self.cfg.raft.election_timeout_max.0 * 3;
         loop {
-            let (leader, addr, leading) = {
+            let (leader, addr, leading, applied_own_term) = {
                 let m = self.raft.metrics();
                 let m = m.borrow();
+                let applied_own_term =
+                    m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term);
                 let leader = m.current_leader;
                 let addr = leader.and_then(|l| {
                     m.membership_config
@@ -146,9 +148,16 @@ impl Core {
                         .get_node(&l)
                         .map(|n| n.addr.clone())
                 });
-                (leader, addr, m.state == ServerState::Leader)
+                (
+                    leader,
+                    addr,
+                    m.state == ServerState::Leader,
+                    applied_own_term,
+                )
             };
-            if leader == Some(self.id) && leading {
+            // A new leader serves only once it has applied an entry of its own term: before
+            // that, its state machine may lack entries its predecessor acknowledged.
+            if leader == Some(self.id) && leading && applied_own_term {
                 return Ok(Route::Local);
             }
             if let (Some(l), Some(addr)) = (leader, addr)
@@ -269,6 +278,39 @@ fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, crate::store::Membe
     }
 }
 
+/// A log entry stops taking proposals past this many key and value bytes.
+const MAX_BATCH_BYTES: usize = 2 << 20;
+
+fn command_bytes(c: &Command) -> usize {
+    use crate::store::{Check, Op};
+    match c {
+        Command::Put { key, value } => key.len() + value.len(),
+        Command::Delete { key } => key.len(),
+        Command::CompareAndSet { key, expected, new } => {
+            key.len() + expected.as_ref().map_or(0, Vec::len) + new.as_ref().map_or(0, Vec::len)
+        }
+        Command::Txn { checks, ops } => {
+            checks
+                .iter()
+                .map(|(k, c)| {
+                    k.len()
+                        + match c {
+                            Check::Equals(v) => v.len(),
+                            _ => 0,
+                        }
+                })
+                .sum::<usize>()
+                + ops
+                    .iter()
+                    .map(|o| match o {
+                        Op::Put { key, value } => key.len() + value.len(),
+                        Op::Delete { key } => key.len(),
+                    })
+                    .sum::<usize>()
+        }
+    }
+}
+
 /// Takes proposals as they come, packs what is queued into one log entry, and keeps up to
 /// `max_inflight` entries replicating at once.
 async fn propose_loop(core: Arc<Core>, mut rx: mpsc::Receiver<Proposal>) {
@@ -281,10 +323,12 @@ async fn propose_loop(core: Arc<Core>, mut rx: mpsc::Receiver<Proposal>) {
         // Everything that queued while we waited for a slot rides along.
         let mut batch = vec![first];
         let mut n = batch[0].commands.len();
-        while n < max_batch {
+        let mut bytes = batch[0].commands.iter().map(command_bytes).sum::<usize>();
+        while n < max_batch && bytes < MAX_BATCH_BYTES {
             match rx.try_recv() {
                 Ok(p) => {
                     n += p.commands.len();
+                    bytes += p.commands.iter().map(command_bytes).sum::<usize>();
                     batch.push(p);
                 }
                 Err(_) => break,

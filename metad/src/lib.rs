@@ -97,6 +97,9 @@ fn raft_config(cfg: &MetadConfig) -> anyhow::Result<openraft::Config> {
         snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_logs),
         max_in_snapshot_log_to_keep: r.keep_logs,
         snapshot_max_chunk_size: 4 << 20,
+        // Entries hold whole batches: a few per AppendEntries keep each RPC well inside the
+        // heartbeat interval that bounds it.
+        max_payload_entries: 64,
         ..Default::default()
     };
     Ok(c.validate()?)
@@ -118,6 +121,14 @@ pub async fn run(
     let grpc_addr = listeners.grpc.local_addr()?;
     let metrics_addr = listeners.metrics.local_addr()?;
     let advertised = cfg.advertised(grpc_addr);
+    if advertised
+        .parse::<SocketAddr>()
+        .is_ok_and(|a| a.ip().is_unspecified())
+    {
+        bail!(
+            "this member would be known as {advertised}, which no peer can reach: set --advertise"
+        );
+    }
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
     let dir = cfg.data_dir.join("raft");
@@ -241,6 +252,8 @@ async fn background(core: Arc<Core>, mut sd: Shutdown) {
                 .set(m.last_applied.map(|l| l.index).unwrap_or(0) as i64);
             g.raft_snapshot_index
                 .set(m.snapshot.map(|l| l.index).unwrap_or(0) as i64);
+            g.snapshots_installed
+                .set(store::SNAPSHOTS_INSTALLED.load(std::sync::atomic::Ordering::Relaxed) as i64);
             g.raft_members
                 .set(m.membership_config.membership().voter_ids().count() as i64);
         }

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub raft_applied_index: IntGauge,
     pub raft_snapshot_index: IntGauge,
     pub raft_members: IntGauge,
+    pub snapshots_installed: IntGauge,
     pub cluster_epoch: IntGauge,
     pub nodes: IntGaugeVec,
     pub pools: IntGauge,
@@ -114,6 +115,11 @@ impl Metrics {
                 "Last log index in the latest snapshot.",
             ),
             raft_members: gauge(&r, "metad_raft_voters", "Voting members."),
+            snapshots_installed: gauge(
+                &r,
+                "metad_raft_snapshots_installed",
+                "Snapshots installed from a leader since this process started.",
+            ),
             cluster_epoch: gauge(&r, "metad_cluster_epoch", "Cluster map epoch."),
             nodes: reg(
                 &r,

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use openraft::ChangeMembers;
 use openraft::error::{ClientWriteError, RaftError};
 use prost::Message;
 use rand::Rng;
@@ -48,6 +49,24 @@ fn decode<T: Message + Default>(what: &str, raw: &[u8]) -> Result<T, Status> {
     T::decode(raw).map_err(|e| internal(&format!("unreadable {what} record"), e))
 }
 
+/// Methods that change state. A forwarded one that is abandoned may still be applied, so it
+/// must not be retried blindly.
+fn is_write(method: &str) -> bool {
+    !(method.starts_with("Get") || method.starts_with("List") || method == "Status")
+}
+
+/// The answer to a forwarded request whose leader went away before it answered.
+fn abandoned(method: &str) -> Status {
+    if is_write(method) {
+        Status::unknown(format!(
+            "{method}: outcome unknown, the leader changed before it answered; \
+             read back before trying again"
+        ))
+    } else {
+        Status::unavailable("the leader changed while the request was forwarded to it; retry")
+    }
+}
+
 fn stale(c: i32) -> bool {
     c == Consistency::Stale as i32
 }
@@ -63,9 +82,7 @@ macro_rules! handle {
                     $self.core.metrics.forwarded.with_label_values(&[$method]).inc();
                     return tokio::select! {
                         r = c.$call(forward_request($req.into_inner())) => r.map(|r| r.into_inner()),
-                        _ = $self.core.leader_changed(leader) => Err(Status::unavailable(
-                            "the leader changed while the request was forwarded to it; retry",
-                        )),
+                        _ = $self.core.leader_changed(leader) => Err(abandoned($method)),
                     };
                 }
             }
@@ -395,11 +412,9 @@ impl Metad for MetadService {
             .await
             .map_err(|_| Status::deadline_exceeded("the new member did not catch up within 120s"))?
             .map_err(membership_error)?;
-            let mut new = voters;
-            new.insert(r.id);
             self.core
                 .raft
-                .change_membership(new, false)
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([r.id])), false)
                 .await
                 .map_err(membership_error)?;
             Ok(self.members())
@@ -497,6 +512,8 @@ impl Metad for MetadService {
     ) -> Result<Response<HeartbeatResponse>, Status> {
         handle!(self, req, "Heartbeat", heartbeat, local_ok = false, {
             let r = req.into_inner();
+            // Answers from the committed map (heartbeats from many nodes share one round).
+            self.core.linearize().await?;
             let Some(raw) = self.get(&tables::node_key(&r.node_id))? else {
                 return Err(Status::not_found(format!(
                     "unknown node {:?}: register first",
@@ -506,7 +523,7 @@ impl Metad for MetadService {
             self.core.saw(&r.node_id, r.disks);
             let node: Node = decode("node", &raw)?;
             let epoch = if node.state != "up" {
-                set_node_state(&self.core, &r.node_id, "up").await?
+                set_node_state(&self.core, &r.node_id, "up", false).await?
             } else {
                 self.epoch()?
             };
@@ -578,10 +595,16 @@ impl Metad for MetadService {
                 redundancy: r.redundancy,
                 tier,
                 pg_count,
-                created_epoch: map.epoch,
+                created_epoch: map.epoch + 1,
             };
             let next_check = match next_raw {
                 Some(v) => Check::Equals(v),
+                None => Check::Absent,
+            };
+            // Pools are part of the map: a new pool is a new epoch.
+            let epoch_raw = self.get(tables::EPOCH_KEY)?;
+            let epoch_check = match &epoch_raw {
+                Some(v) => Check::Equals(v.clone()),
                 None => Check::Absent,
             };
             let failed = self
@@ -589,6 +612,7 @@ impl Metad for MetadService {
                     vec![
                         (tables::pool_key(&r.name), Check::Absent),
                         (tables::NEXT_POOL_ID_KEY.to_vec(), next_check),
+                        (tables::EPOCH_KEY.to_vec(), epoch_check),
                     ],
                     vec![
                         Op::Put {
@@ -598,6 +622,10 @@ impl Metad for MetadService {
                         Op::Put {
                             key: tables::NEXT_POOL_ID_KEY.to_vec(),
                             value: tables::encode_u64(id + 1),
+                        },
+                        Op::Put {
+                            key: tables::EPOCH_KEY.to_vec(),
+                            value: tables::encode_u64(map.epoch + 1),
                         },
                     ],
                 )
@@ -705,8 +733,15 @@ impl Metad for MetadService {
             {
                 let name = req.into_inner().name;
                 tables::validate_bucket_name(&name).map_err(Status::invalid_argument)?;
+                let mut confirmed = false;
                 for _ in 0..RMW_TRIES {
                     let Some(cur) = self.get(&tables::bucket_key(&name))? else {
+                        if !confirmed {
+                            // A negative answer from local state: confirm it is current.
+                            self.core.linearize().await?;
+                            confirmed = true;
+                            continue;
+                        }
                         return Err(Self::no_such_bucket(&name));
                     };
                     let failed = self
@@ -773,6 +808,14 @@ impl Metad for MetadService {
             }
             let key = tables::object_key(&obj.bucket, &obj.key);
             let value = obj.encode_to_vec();
+            if value.len() > tables::MAX_RECORD {
+                return Err(Status::invalid_argument(format!(
+                    "object record is {} bytes, the limit is {} (manifest and metadata)",
+                    value.len(),
+                    tables::MAX_RECORD
+                )));
+            }
+            let mut confirmed = false;
             for _ in 0..RMW_TRIES {
                 let cur = self.get(&key)?;
                 let replaced = cur
@@ -785,6 +828,12 @@ impl Metad for MetadService {
                         .map(|o| o.version_id.as_str())
                         .unwrap_or("");
                     if have != want {
+                        if !confirmed {
+                            // A negative answer from local state: confirm it is current.
+                            self.core.linearize().await?;
+                            confirmed = true;
+                            continue;
+                        }
                         return Err(Status::failed_precondition(format!(
                             "current version is {have:?}, not {want:?}"
                         )));
@@ -854,9 +903,16 @@ impl Metad for MetadService {
                 tables::validate_bucket_name(&r.bucket).map_err(Status::invalid_argument)?;
                 tables::validate_object_key(&r.key).map_err(Status::invalid_argument)?;
                 let key = tables::object_key(&r.bucket, &r.key);
+                let mut confirmed = false;
                 for _ in 0..RMW_TRIES {
                     let cur = self.get(&key)?;
                     let Some(cur) = cur else {
+                        if !confirmed {
+                            // A negative answer from local state: confirm it is current.
+                            self.core.linearize().await?;
+                            confirmed = true;
+                            continue;
+                        }
                         if !self.bucket_exists(&r.bucket)? {
                             return Err(Self::no_such_bucket(&r.bucket));
                         }
@@ -873,6 +929,12 @@ impl Metad for MetadService {
                     if let Some(want) = &r.expected_version_id
                         && &deleted.version_id != want
                     {
+                        if !confirmed {
+                            // A negative answer from local state: confirm it is current.
+                            self.core.linearize().await?;
+                            confirmed = true;
+                            continue;
+                        }
                         {
                             return Err(Status::failed_precondition(format!(
                                 "current version is {:?}, not {want:?}",
@@ -1197,6 +1259,8 @@ impl MetadService {
         make: impl Fn(Option<&Node>) -> Node,
     ) -> Result<u64, Status> {
         let _g = self.core.map_lock.lock().await;
+        // The no-change answer below comes from local state: make it current first.
+        self.core.linearize().await?;
         for _ in 0..RMW_TRIES {
             let key = tables::node_key(&node.id);
             let cur_raw = self.get(&key)?;
@@ -1244,16 +1308,29 @@ impl MetadService {
     }
 }
 
-/// Sets a node's state (a new epoch if it changed). Leader only.
-pub async fn set_node_state(core: &Arc<Core>, id: &str, state: &str) -> Result<u64, Status> {
+/// Sets a node's state (a new epoch if it changed). Leader only. With `only_if_silent`, a node
+/// heard from within `down_after` (a heartbeat racing the liveness pass) is left as it is.
+pub async fn set_node_state(
+    core: &Arc<Core>,
+    id: &str,
+    state: &str,
+    only_if_silent: bool,
+) -> Result<u64, Status> {
     let svc = MetadService { core: core.clone() };
     let Some(raw) = svc.get(&tables::node_key(id))? else {
         return Err(Status::not_found(format!("unknown node {id:?}")));
     };
     let node: Node = decode("node", &raw)?;
     let state = state.to_string();
+    let down_after = core.cfg.nodes.down_after.0;
     svc.put_node(node, |cur| {
         let mut n = cur.cloned().unwrap_or_default();
+        if only_if_silent {
+            let seen = core.seen.lock().expect("seen lock");
+            if seen.get(id).is_some_and(|s| s.at.elapsed() < down_after) {
+                return n;
+            }
+        }
         n.state = state.clone();
         n
     })
@@ -1325,7 +1402,7 @@ pub async fn liveness_pass(core: &Arc<Core>) -> Result<(), Status> {
         }
     }
     for (id, state) in changes {
-        set_node_state(core, &id, state).await?;
+        set_node_state(core, &id, state, true).await?;
     }
     Ok(())
 }

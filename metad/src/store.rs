@@ -32,6 +32,69 @@ use rocksdb::{
 };
 use serde::{Deserialize, Serialize};
 
+/// Byte strings as hex in the JSON of log entries, Raft messages and snapshots: serde_json
+/// would write them as arrays of numbers, about 3.5 bytes per byte and slow to parse.
+mod hexser {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    fn decode<'de, D: Deserializer<'de>>(s: &str) -> Result<Vec<u8>, D::Error> {
+        hex::decode(s).map_err(serde::de::Error::custom)
+    }
+
+    pub mod bytes {
+        use super::*;
+        pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(&hex::encode(v))
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+            decode::<D>(&String::deserialize(d)?)
+        }
+    }
+
+    pub mod opt {
+        use super::*;
+        pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+            v.as_ref().map(hex::encode).serialize(s)
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+            Option::<String>::deserialize(d)?
+                .map(|h| decode::<D>(&h))
+                .transpose()
+        }
+    }
+
+    pub mod pairs {
+        use super::*;
+        pub fn serialize<S: Serializer>(v: &[(Vec<u8>, Vec<u8>)], s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(v.iter().map(|(k, v)| (hex::encode(k), hex::encode(v))))
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<crate::store::Pairs, D::Error> {
+            Vec::<(String, String)>::deserialize(d)?
+                .into_iter()
+                .map(|(k, v)| Ok((decode::<D>(&k)?, decode::<D>(&v)?)))
+                .collect()
+        }
+    }
+
+    pub mod checks {
+        use super::*;
+        use crate::store::Check;
+        pub fn serialize<S: Serializer>(v: &[(Vec<u8>, Check)], s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(v.iter().map(|(k, c)| (hex::encode(k), c)))
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Vec<(Vec<u8>, Check)>, D::Error> {
+            Vec::<(String, Check)>::deserialize(d)?
+                .into_iter()
+                .map(|(k, c)| Ok((decode::<D>(&k)?, c)))
+                .collect()
+        }
+    }
+}
+
 /// Members are numbered.
 pub type NodeId = u64;
 
@@ -57,19 +120,31 @@ openraft::declare_raft_types!(
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Sets a key.
-    Put { key: Vec<u8>, value: Vec<u8> },
+    Put {
+        #[serde(with = "hexser::bytes")]
+        key: Vec<u8>,
+        #[serde(with = "hexser::bytes")]
+        value: Vec<u8>,
+    },
     /// Removes a key (absent is fine).
-    Delete { key: Vec<u8> },
+    Delete {
+        #[serde(with = "hexser::bytes")]
+        key: Vec<u8>,
+    },
     /// Sets (`Some`) or removes (`None`) a key only if its current value is `expected`
     /// (`None` = absent). The building block of every read-modify-write on a table.
     CompareAndSet {
+        #[serde(with = "hexser::bytes")]
         key: Vec<u8>,
+        #[serde(with = "hexser::opt")]
         expected: Option<Vec<u8>>,
+        #[serde(with = "hexser::opt")]
         new: Option<Vec<u8>>,
     },
     /// Applies `ops` only if every check holds, all at once; otherwise changes nothing and
     /// reports the first check that failed.
     Txn {
+        #[serde(with = "hexser::checks")]
         checks: Vec<(Vec<u8>, Check)>,
         ops: Vec<Op>,
     },
@@ -83,7 +158,7 @@ pub enum Check {
     /// The key has a value.
     Exists,
     /// The key has exactly this value.
-    Equals(Vec<u8>),
+    Equals(#[serde(with = "hexser::bytes")] Vec<u8>),
     /// No key starts with this prefix (the check's key is the prefix).
     PrefixEmpty,
 }
@@ -91,8 +166,16 @@ pub enum Check {
 /// A write inside a [`Command::Txn`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    Put { key: Vec<u8>, value: Vec<u8> },
-    Delete { key: Vec<u8> },
+    Put {
+        #[serde(with = "hexser::bytes")]
+        key: Vec<u8>,
+        #[serde(with = "hexser::bytes")]
+        value: Vec<u8>,
+    },
+    Delete {
+        #[serde(with = "hexser::bytes")]
+        key: Vec<u8>,
+    },
 }
 
 /// The outcome of one command.
@@ -101,12 +184,14 @@ pub enum CommandResult {
     Done,
     /// A compare-and-set found another value; nothing was changed.
     Conflict {
+        #[serde(with = "hexser::opt")]
         current: Option<Vec<u8>>,
     },
     /// A transaction's check number `check` failed; `current` is the key's value (for
     /// `PrefixEmpty`, the first key found under the prefix).
     Failed {
         check: u32,
+        #[serde(with = "hexser::opt")]
         current: Option<Vec<u8>>,
     },
 }
@@ -162,7 +247,7 @@ fn synced() -> WriteOptions {
 }
 
 /// Opens (or creates) the RocksDB holding a member's log and state machine.
-pub fn open(path: &Path) -> Result<(LogStore, StateMachine), rocksdb::Error> {
+pub fn open(path: &Path) -> std::io::Result<(LogStore, StateMachine)> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
@@ -170,8 +255,22 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachine), rocksdb::Error> {
     let cfs = [CF_LOG, CF_META, CF_SM, CF_SM_META]
         .into_iter()
         .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
-    let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?);
-    Ok((LogStore { db: db.clone() }, StateMachine { db }))
+    let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs).map_err(std::io::Error::other)?);
+    let (flushes, rx) = std::sync::mpsc::channel();
+    let fdb = Arc::downgrade(&db);
+    std::thread::Builder::new()
+        .name("metad-log-sync".into())
+        .spawn(move || flusher(fdb, rx))?;
+    Ok((
+        LogStore {
+            db: db.clone(),
+            flushes,
+        },
+        StateMachine {
+            db,
+            snapshot_lock: Default::default(),
+        },
+    ))
 }
 
 fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
@@ -196,6 +295,34 @@ fn get_json<T: serde::de::DeserializeOwned>(
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
+    /// Appends waiting for the WAL sync that makes them durable (see [`flusher`]).
+    flushes: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+/// The log's group commit, on its own thread: appends are written to RocksDB (visible to
+/// replication at once) without a sync; this thread syncs the WAL once for every append queued
+/// meanwhile and only then tells openraft they are durable, in order. openraft counts the
+/// leader's own copy towards the quorum only after that, so an entry is never committed on a
+/// copy that could vanish; and the leader no longer waits for its own sync before it sends
+/// the entry to the followers (the syncs run in parallel, as in etcd).
+///
+/// It holds the database weakly: the stores own it, and it closes when they are dropped.
+fn flusher(db: std::sync::Weak<DB>, rx: std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
+    while let Ok(first) = rx.recv() {
+        let mut waiting = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            waiting.push(more);
+        }
+        let r = match db.upgrade() {
+            Some(db) => db.flush_wal(true).map_err(|e| e.to_string()),
+            None => Err("the log store is closed".to_string()),
+        };
+        for cb in waiting {
+            cb.log_io_completed(
+                r.clone().map_err(std::io::Error::other),
+            );
+        }
+    }
 }
 
 impl LogStore {
@@ -288,7 +415,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
-        self.put_meta_synced("committed", &committed, ErrorSubject::Store)
+        // Not synced: it only lets a restarted member apply up to it without waiting for a
+        // leader; losing the latest value costs nothing but that. The next synced write (an
+        // append's WAL sync) makes it durable anyway.
+        let bytes = serde_json::to_vec(&committed)
+            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        self.db
+            .put_cf(cf(&self.db, CF_META), "committed", bytes)
+            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
@@ -303,20 +437,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        // One synced batch: the entries are durable before openraft is told so.
+        // One batch, written now and synced by the flusher thread, which then calls back:
+        // openraft treats the entries as durable only from the callback on.
         let mut b = WriteBatch::default();
         for e in entries {
             let v = serde_json::to_vec(&e)
                 .map_err(|err| io_err(ErrorSubject::Logs, ErrorVerb::Write, err))?;
             b.put_cf(cf(&self.db, CF_LOG), index_key(e.log_id.index), v);
         }
-        let r = self.db.write_opt(b, &synced());
-        let result = r
-            .as_ref()
-            .map(|_| ())
-            .map_err(|e| std::io::Error::other(e.to_string()));
-        callback.log_io_completed(result);
-        r.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))
+        self.db
+            .write(b)
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        self.flushes.send(callback).map_err(|_| {
+            io_err(
+                ErrorSubject::Logs,
+                ErrorVerb::Write,
+                std::io::Error::other("the log sync thread stopped"),
+            )
+        })
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
@@ -351,6 +489,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 struct SnapshotFile {
     version: u32,
     meta: SnapshotMeta<NodeId, Member>,
+    #[serde(with = "hexser::pairs")]
     pairs: Pairs,
 }
 
@@ -358,14 +497,31 @@ struct SnapshotFile {
 #[derive(Clone)]
 pub struct StateMachine {
     db: Arc<DB>,
+    /// Taken to store a snapshot (built or installed), so an older build finishing late never
+    /// replaces a newer snapshot.
+    snapshot_lock: Arc<std::sync::Mutex<()>>,
+}
+
+/// Snapshots installed from a leader since start (a member that was away catching up).
+pub static SNAPSHOTS_INSTALLED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The log id of the stored snapshot, if any.
+fn stored_snapshot_id(db: &DB) -> StorageResult<Option<LogId<NodeId>>> {
+    let raw = db
+        .get_cf(cf(db, CF_SM_META), "snapshot")
+        .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+    let Some(bytes) = raw else { return Ok(None) };
+    let file: SnapshotFile = serde_json::from_slice(&bytes)
+        .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+    Ok(file.meta.last_log_id)
 }
 
 /// A frozen copy of the state machine, taken where openraft serialises it with `apply`.
 pub struct SnapshotBuilder {
     db: Arc<DB>,
-    applied: Option<LogId<NodeId>>,
-    membership: StoredMembership<NodeId, Member>,
-    pairs: Pairs,
+    lock: Arc<std::sync::Mutex<()>>,
+    /// The frozen copy, or why it could not be taken.
+    frozen: StorageResult<(AppliedState, Pairs)>,
 }
 
 impl StateMachine {
@@ -518,36 +674,34 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let snapshot_id = match self.applied {
+        let frozen = std::mem::replace(&mut self.frozen, Ok(Default::default()));
+        let ((applied, membership), pairs) = frozen?;
+        let snapshot_id = match applied {
             Some(id) => format!("{}-{}", id.leader_id, id.index),
             None => "empty".to_string(),
         };
         let meta = SnapshotMeta {
-            last_log_id: self.applied,
-            last_membership: self.membership.clone(),
+            last_log_id: applied,
+            last_membership: membership,
             snapshot_id,
         };
+        let subject = || ErrorSubject::Snapshot(Some(meta.signature()));
         let file = SnapshotFile {
             version: 1,
             meta: meta.clone(),
-            pairs: std::mem::take(&mut self.pairs),
+            pairs,
         };
-        let bytes = serde_json::to_vec(&file).map_err(|e| {
-            io_err(
-                ErrorSubject::Snapshot(Some(meta.signature())),
-                ErrorVerb::Write,
-                e,
-            )
-        })?;
-        let mut b = WriteBatch::default();
-        b.put_cf(cf(&self.db, CF_SM_META), "snapshot", &bytes);
-        self.db.write_opt(b, &synced()).map_err(|e| {
-            io_err(
-                ErrorSubject::Snapshot(Some(meta.signature())),
-                ErrorVerb::Write,
-                e,
-            )
-        })?;
+        let bytes =
+            serde_json::to_vec(&file).map_err(|e| io_err(subject(), ErrorVerb::Write, e))?;
+        // Built concurrently with apply and installs: store it only if nothing newer is stored.
+        let _g = self.lock.lock().expect("snapshot lock");
+        if stored_snapshot_id(&self.db)? <= applied {
+            let mut b = WriteBatch::default();
+            b.put_cf(cf(&self.db, CF_SM_META), "snapshot", &bytes);
+            self.db
+                .write_opt(b, &synced())
+                .map_err(|e| io_err(subject(), ErrorVerb::Write, e))?;
+        }
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(bytes)),
@@ -661,13 +815,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         // Called in order with `apply`, so this copy is one consistent point of the state
         // machine. Metadata is small; a checkpoint-based snapshot replaces this when it is not.
-        let (applied, membership) = self.applied().unwrap_or_default();
-        let pairs = self.all_pairs().unwrap_or_default();
+        let frozen = self
+            .applied()
+            .and_then(|a| self.all_pairs().map(|p| (a, p)));
         SnapshotBuilder {
             db: self.db.clone(),
-            applied,
-            membership,
-            pairs,
+            lock: self.snapshot_lock.clone(),
+            frozen,
         }
     }
 
@@ -710,9 +864,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let stored =
             serde_json::to_vec(&stored).map_err(|e| io_err(subject(), ErrorVerb::Write, e))?;
         b.put_cf(sm_meta, "snapshot", stored);
+        let _g = self.snapshot_lock.lock().expect("snapshot lock");
         self.db
             .write_opt(b, &synced())
-            .map_err(|e| io_err(subject(), ErrorVerb::Write, e))
+            .map_err(|e| io_err(subject(), ErrorVerb::Write, e))?;
+        SNAPSHOTS_INSTALLED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {

@@ -23,6 +23,9 @@ pub const DKEY_PREFIX: &[u8] = b"dkey/";
 
 /// S3's limit on object key length, in bytes.
 pub const MAX_KEY_LEN: usize = 1024;
+/// Largest object record (manifest and metadata included): Raft entries stay small enough to
+/// replicate within a heartbeat interval.
+pub const MAX_RECORD: usize = 1 << 20;
 /// Largest page of a listing.
 pub const MAX_LIST: usize = 1000;
 

@@ -522,9 +522,9 @@ async fn silent_storaged_goes_down_then_out_and_comes_back_up() {
             "--node-heartbeat-interval",
             "200ms",
             "--down-after",
-            "1s",
+            "2s",
             "--out-after",
-            "3s",
+            "4s",
         ],
     );
     let mut c = ready_client(&m).await;
@@ -571,8 +571,10 @@ async fn silent_storaged_goes_down_then_out_and_comes_back_up() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let text = v.to_string();
-    assert!(text.contains("\"s1\"") && text.contains("\"up\""), "{text}");
+    let nodes = v["nodes"].as_array().expect("nodes array");
+    let s1 = nodes.iter().find(|n| n["id"] == "s1").expect("s1 listed");
+    assert_eq!(s1["state"], "up", "{v}");
+    assert_eq!(s1["zone"], "z1", "{v}");
 }
 
 fn sov(args: &[&str]) -> (i32, serde_json::Value, String) {

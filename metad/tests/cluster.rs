@@ -104,7 +104,7 @@ async fn leader_kills_lose_no_acknowledged_write() {
     let mut cluster = MetadCluster::start(
         dir.path(),
         3,
-        &["--snapshot-logs", "300", "--keep-logs", "20"],
+        &["--snapshot-logs", "30", "--keep-logs", "5"],
     )
     .expect("start cluster");
     let addrs = cluster.addr_list();
@@ -142,6 +142,7 @@ async fn leader_kills_lose_no_acknowledged_write() {
     }
 
     let mut failovers = Vec::new();
+    let mut killed = Vec::new();
     for round in 0..3 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let leader = cluster.leader(Duration::from_secs(30)).await.unwrap();
@@ -151,6 +152,7 @@ async fn leader_kills_lose_no_acknowledged_write() {
             "round {round}: no write acknowledged before the kill"
         );
         cluster.members[leader].proc.kill9();
+        killed.push(leader);
         let killed_at = Instant::now();
         // Service is back when writes are acknowledged again.
         let acked_at_kill = acked.lock().unwrap().len();
@@ -178,8 +180,9 @@ async fn leader_kills_lose_no_acknowledged_write() {
             took,
             new_leader + 1
         );
-        // Let the others run on without it for a while (more than a snapshot's worth of log).
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Let the others run on without it for a while (many snapshots' worth of log, so the
+        // entries it lacks are purged and it must catch up by snapshot).
+        tokio::time::sleep(Duration::from_millis(3000)).await;
         cluster.members[leader]
             .restart()
             .expect("restart killed member");
@@ -222,12 +225,32 @@ async fn leader_kills_lose_no_acknowledged_write() {
             );
         }
     }
-    // The log stayed bounded: snapshots were taken.
+    // The log stayed bounded (snapshots were taken), and every member that was killed and
+    // came back caught up by installing a snapshot from the leader.
     for m in &cluster.members {
         let s = m.status().await.expect("status");
         assert!(
             s.snapshot_index > 0,
             "member {} never took or installed a snapshot",
+            m.id
+        );
+    }
+    for i in killed
+        .iter()
+        .copied()
+        .collect::<std::collections::BTreeSet<usize>>()
+    {
+        let m = &cluster.members[i];
+        let text = sov_testkit::http_get(&m.metrics_url()).unwrap();
+        let installed =
+            sov_testkit::metric_value(&text, "metad_raft_snapshots_installed", "").unwrap_or(0.0);
+        println!(
+            "member {} installed {installed} snapshot(s) after its restart",
+            m.id
+        );
+        assert!(
+            installed >= 1.0,
+            "member {} came back after ~3s away but caught up without a snapshot",
             m.id
         );
     }
@@ -291,9 +314,18 @@ async fn a_frozen_majority_stops_commits_and_a_frozen_leader_is_replaced() {
             .collect::<Vec<_>>(),
     )
     .unwrap();
-    put(&majority, "frozen", "while-leader-frozen")
-        .await
-        .expect("majority goes on");
+    // A write forwarded to the frozen leader comes back "outcome unknown" once the followers
+    // give up on it; a client then writes again (an unconditional put may be repeated).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match put(&majority, "frozen", "while-leader-frozen").await {
+            Ok(_) => break,
+            Err(e) if e.code() == Code::Unknown && Instant::now() < deadline => {
+                assert!(e.message().contains("outcome unknown"), "{e:?}");
+            }
+            Err(e) => panic!("the majority did not go on: {e:?}"),
+        }
+    }
     let new_leader = cluster
         .leader_among(&others, Duration::from_secs(10))
         .await

@@ -1,5 +1,6 @@
-//! `sov up`: starts a local cluster of real processes (today: storaged nodes spread over
-//! zones), writes `DATA/cluster.json`, and stops everything cleanly on Ctrl-C or SIGTERM.
+//! `sov up`: starts a local cluster of real processes (a metad and storaged nodes spread over
+//! zones, registered with it), writes `DATA/cluster.json`, and stops everything cleanly on
+//! Ctrl-C or SIGTERM.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -23,6 +24,12 @@ pub struct UpArgs {
     /// First storaged gRPC port; node i listens on base + i - 1.
     #[arg(long, default_value_t = 7100)]
     storaged_base_port: u16,
+    /// metad's gRPC port.
+    #[arg(long, default_value_t = 7400)]
+    metad_port: u16,
+    /// metad's /metrics port.
+    #[arg(long, default_value_t = 9400)]
+    metad_metrics_port: u16,
     /// First /metrics port; node i serves on base + i - 1.
     #[arg(long, default_value_t = 9100)]
     metrics_base_port: u16,
@@ -55,7 +62,9 @@ fn sibling_binary(name: &str) -> Result<PathBuf, CliError> {
     Ok(p)
 }
 
+/// Stops in reverse start order: storage nodes first, metad last.
 fn stop_all(nodes: &mut [Node]) {
+    nodes.reverse();
     for n in nodes.iter() {
         // SAFETY: kill(2) on the pid of a child we started.
         unsafe {
@@ -82,6 +91,85 @@ fn stop_all(nodes: &mut [Node]) {
     }
 }
 
+/// Starts one daemon with its log and ready file in `dir`, and waits until it serves.
+async fn start_daemon(
+    nodes: &mut Vec<Node>,
+    binary: &std::path::Path,
+    (name, zone): (&str, &str),
+    dir: &std::path::Path,
+    (listen, metrics): (&str, &str),
+    args: &[String],
+) -> Result<(), CliError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| CliError::new(1, format!("cannot create {}: {e}", dir.display())))?;
+    let ready = dir.join("ready.json");
+    let _ = std::fs::remove_file(&ready);
+    let log_path = dir.join(format!("{name}.log"));
+    let log = std::fs::File::create(&log_path)
+        .map_err(|e| CliError::new(1, format!("cannot create a log file: {e}")))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| CliError::new(1, e.to_string()))?;
+    let child = Command::new(binary)
+        .args(["--listen", listen, "--metrics-listen", metrics])
+        .args(args)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .spawn()
+        .map_err(|e| CliError::new(1, format!("cannot start {name}: {e}")))?;
+    nodes.push(Node {
+        name: name.to_string(),
+        zone: zone.to_string(),
+        child,
+        listen: listen.to_string(),
+        metrics: metrics.to_string(),
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if ready.exists() {
+            return Ok(());
+        }
+        let n = nodes.last_mut().expect("just pushed");
+        if let Ok(Some(s)) = n.child.try_wait() {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            nodes.pop();
+            stop_all(nodes);
+            return Err(CliError::new(
+                1,
+                format!("{name} exited ({s}):\n{}", log.trim_end()),
+            ));
+        }
+        if Instant::now() > deadline {
+            stop_all(nodes);
+            return Err(CliError::new(1, format!("{name} did not start within 60s")));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The cluster's master key file, created (random, mode 0600) on first start.
+fn master_key(data: &std::path::Path) -> Result<PathBuf, CliError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data.join("master.key");
+    if path.exists() {
+        return Ok(path);
+    }
+    let key: [u8; 32] = rand::random();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| CliError::new(1, format!("cannot create {}: {e}", path.display())))?;
+    writeln!(f, "{}", hex::encode(key))
+        .map_err(|e| CliError::new(1, format!("cannot write {}: {e}", path.display())))?;
+    Ok(path)
+}
+
 pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
     if a.storage_nodes == 0 || a.zones == 0 {
         return Err(CliError::new(
@@ -90,11 +178,34 @@ pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
         ));
     }
     let storaged = sibling_binary("storaged")?;
+    let metad = sibling_binary("metad")?;
     std::fs::create_dir_all(&a.data)
         .map_err(|e| CliError::new(1, format!("cannot create {}: {e}", a.data.display())))?;
     let data = std::fs::canonicalize(&a.data)
         .map_err(|e| CliError::new(1, format!("{}: {e}", a.data.display())))?;
     let mut nodes: Vec<Node> = Vec::new();
+    let metad_listen = format!("127.0.0.1:{}", a.metad_port);
+    let key = master_key(&data)?;
+    let metad_dir = data.join("metad-1");
+    start_daemon(
+        &mut nodes,
+        &metad,
+        ("metad-1", "zone-1"),
+        &metad_dir,
+        (
+            &metad_listen,
+            &format!("127.0.0.1:{}", a.metad_metrics_port),
+        ),
+        &[
+            "--id".into(),
+            "1".into(),
+            "--data-dir".into(),
+            metad_dir.join("data").display().to_string(),
+            "--master-key-file".into(),
+            key.display().to_string(),
+        ],
+    )
+    .await?;
     for i in 1..=a.storage_nodes {
         let name = format!("storaged-{i}");
         let zone = format!("zone-{}", (i - 1) % a.zones + 1);
@@ -104,60 +215,30 @@ pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
             .map_err(|e| CliError::new(1, format!("cannot create {}: {e}", disk.display())))?;
         let listen = format!("127.0.0.1:{}", a.storaged_base_port + i as u16 - 1);
         let metrics = format!("127.0.0.1:{}", a.metrics_base_port + i as u16 - 1);
-        let ready = dir.join("ready.json");
-        let _ = std::fs::remove_file(&ready);
-        let log = std::fs::File::create(dir.join("storaged.log"))
-            .map_err(|e| CliError::new(1, format!("cannot create a log file: {e}")))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| CliError::new(1, e.to_string()))?;
-        let child = Command::new(&storaged)
-            .args(["--listen", &listen, "--metrics-listen", &metrics])
-            .args(["--node-id", &name, "--zone", &zone])
-            .arg("--disk")
-            .arg(&disk)
-            .arg("--ready-file")
-            .arg(&ready)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .map_err(|e| CliError::new(1, format!("cannot start {name}: {e}")))?;
-        nodes.push(Node {
-            name,
-            zone,
-            child,
-            listen,
-            metrics,
-        });
-        // Wait until it serves, or report why it did not.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if ready.exists() {
-                break;
-            }
-            let n = nodes.last_mut().expect("just pushed");
-            if let Ok(Some(s)) = n.child.try_wait() {
-                let log = std::fs::read_to_string(dir.join("storaged.log")).unwrap_or_default();
-                let name = n.name.clone();
-                nodes.pop();
-                stop_all(&mut nodes);
-                return Err(CliError::new(
-                    1,
-                    format!("{name} exited ({s}):\n{}", log.trim_end()),
-                ));
-            }
-            if Instant::now() > deadline {
-                stop_all(&mut nodes);
-                return Err(CliError::new(1, "a storaged did not start within 60s"));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let args = vec![
+            "--node-id".to_string(),
+            name.clone(),
+            "--zone".into(),
+            zone.clone(),
+            "--disk".into(),
+            disk.display().to_string(),
+            "--metad".into(),
+            metad_listen.clone(),
+        ];
+        start_daemon(
+            &mut nodes,
+            &storaged,
+            (&name, &zone),
+            &dir,
+            (&listen, &metrics),
+            &args,
+        )
+        .await?;
     }
     let cluster = serde_json::json!({
         "s3_endpoint": null,
-        "metad_endpoints": [],
-        "storaged_endpoints": nodes.iter().map(|n| n.listen.clone()).collect::<Vec<_>>(),
+        "metad_endpoints": [metad_listen],
+        "storaged_endpoints": nodes.iter().filter(|n| n.name.starts_with("storaged")).map(|n| n.listen.clone()).collect::<Vec<_>>(),
         "metrics": nodes.iter().map(|n| format!("http://{}/metrics", n.metrics)).collect::<Vec<_>>(),
         "processes": nodes.iter().map(|n| serde_json::json!({
             "name": n.name, "pid": n.child.id(), "zone": n.zone, "listen": n.listen,
@@ -173,8 +254,8 @@ pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
         Output::Json => println!("{cluster}"),
         Output::Text => {
             println!(
-                "sov cluster up ({} storage nodes); state in {}",
-                nodes.len(),
+                "sov cluster up (1 metad, {} storage nodes); state in {}",
+                a.storage_nodes,
                 path.display()
             );
             for n in &nodes {

@@ -191,6 +191,8 @@ fn sov_up_starts_and_stops_a_cluster() {
         .arg(&data)
         .args(["--storaged-base-port", &base.to_string()])
         .args(["--metrics-base-port", &(base + 100).to_string()])
+        .args(["--metad-port", &(base + 200).to_string()])
+        .args(["--metad-metrics-port", &(base + 201).to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -210,12 +212,37 @@ fn sov_up_starts_and_stops_a_cluster() {
     }
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cluster).unwrap()).unwrap();
     let procs = v["processes"].as_array().unwrap();
-    assert_eq!(procs.len(), 3);
-    assert_eq!(procs[0]["name"], "storaged-1");
-    assert_eq!(procs[2]["zone"], "zone-3");
+    assert_eq!(procs.len(), 4);
+    assert_eq!(procs[0]["name"], "metad-1");
+    assert_eq!(procs[1]["name"], "storaged-1");
+    assert_eq!(procs[3]["zone"], "zone-3");
     for url in v["metrics"].as_array().unwrap() {
         let m = http_get(url.as_str().unwrap()).unwrap();
-        assert!(m.contains("storaged_requests_total") || m.contains("storaged_disk_free_bytes"));
+        assert!(
+            m.contains("storaged_disk_free_bytes") || m.contains("metad_raft_term"),
+            "{url}"
+        );
+    }
+    // Every storaged registered with metad and is up.
+    let metad = v["metad_endpoints"][0].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = sov(
+            &["--output", "json", "node", "list", "--metad", &metad],
+            None,
+        );
+        let listed: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        let up = listed.to_string().matches("\"state\":\"up\"").count();
+        if out.status.success() && up == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "storage nodes not all up in metad: {listed} {}",
+            text(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
     let addr = v["storaged_endpoints"][0].as_str().unwrap().to_string();
     let out = sov(

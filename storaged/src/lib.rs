@@ -133,6 +133,9 @@ pub async fn run(
         }
     }
     if !cfg.metad.is_empty() {
+        if cfg.advertise.is_none() && grpc_addr.ip().is_unspecified() {
+            anyhow::bail!("listening on {grpc_addr}, which metad cannot hand out: set --advertise");
+        }
         let node = registration::NodeRegistration {
             id: ident.node_id.clone(),
             addr: cfg

@@ -21,12 +21,12 @@ pub struct NodeRegistration {
     pub zone: String,
 }
 
-async fn disks(store: &Arc<Store>) -> Vec<Disk> {
+async fn disks(store: &Arc<Store>) -> Result<Vec<Disk>, tonic::Status> {
     let s = store.clone();
     let stats = tokio::task::spawn_blocking(move || s.stats())
         .await
-        .unwrap_or_default();
-    stats
+        .map_err(|e| tonic::Status::internal(format!("reading disk figures: {e}")))?;
+    Ok(stats
         .into_iter()
         .map(|(name, st)| Disk {
             path: name,
@@ -38,7 +38,7 @@ async fn disks(store: &Arc<Store>) -> Vec<Disk> {
                 st.health
             },
         })
-        .collect()
+        .collect())
 }
 
 async fn register(
@@ -46,7 +46,7 @@ async fn register(
     me: &NodeRegistration,
     store: &Arc<Store>,
 ) -> Result<Duration, tonic::Status> {
-    let disks = disks(store).await;
+    let disks = disks(store).await?;
     let node = Node {
         id: me.id.clone(),
         addr: me.addr.clone(),
@@ -98,7 +98,7 @@ pub async fn run(metad: Vec<String>, me: NodeRegistration, store: Arc<Store>, mu
             Some(i) => {
                 let req = HeartbeatRequest {
                     node_id: me.id.clone(),
-                    disks: disks(&store).await,
+                    disks: disks(&store).await.unwrap_or_default(),
                 };
                 let r = client
                     .call(|mut c| {

@@ -488,12 +488,22 @@ impl MetadCluster {
     pub async fn leader_among(&self, among: &[usize], timeout: Duration) -> anyhow::Result<usize> {
         let deadline = Instant::now() + timeout;
         loop {
+            // A deposed leader may still say it leads for a moment: take the one with the
+            // highest term, and only if no member answering knows a higher term.
+            let mut best: Option<(u64, usize)> = None;
+            let mut max_term = 0;
             for &i in among {
-                if let Some(s) = self.members[i].status().await
-                    && s.role == "leader"
-                {
-                    return Ok(i);
+                if let Some(s) = self.members[i].status().await {
+                    max_term = max_term.max(s.term);
+                    if s.role == "leader" && best.is_none_or(|(t, _)| s.term > t) {
+                        best = Some((s.term, i));
+                    }
                 }
+            }
+            if let Some((t, i)) = best
+                && t == max_term
+            {
+                return Ok(i);
             }
             if Instant::now() > deadline {
                 bail!("no leader among members {among:?} after {timeout:?}");
