@@ -1,4 +1,4 @@
-//! The Raft transport between members: openraft's messages, JSON-encoded, in the `Raft` gRPC
+//! The Raft transport between members: openraft's messages, bincode-encoded, in the `Raft` gRPC
 //! service. Clients connect lazily, so an unreachable member costs nothing until it is needed.
 
 use std::time::Duration;
@@ -85,7 +85,7 @@ impl Connection {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let data = serde_json::to_vec(req).map_err(|e| net_err(format!("encode {which}: {e}")))?;
+        let data = bincode::serialize(req).map_err(|e| net_err(format!("encode {which}: {e}")))?;
         let mut client = self.client()?;
         let mut request = Request::new(RaftPayload { data: data.into() });
         request.set_timeout(timeout);
@@ -107,8 +107,9 @@ impl Connection {
                 )));
             }
         };
-        let result: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&reply.data)
-            .map_err(|e| net_err(format!("decode {which} reply: {e}")))?;
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            bincode::Options::deserialize(wire(), &reply.data)
+                .map_err(|e| net_err(format!("decode {which} reply: {e}")))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -147,13 +148,25 @@ pub struct RaftService {
     pub raft: Raft,
 }
 
+/// bincode as `bincode::serialize` writes it, with a bound on what a peer's bytes may make
+/// us allocate.
+fn wire() -> impl bincode::Options {
+    use bincode::Options;
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .allow_trailing_bytes()
+        .with_limit(512 << 20)
+}
+
 fn decode<T: DeserializeOwned>(req: Request<RaftPayload>) -> Result<T, Status> {
-    serde_json::from_slice(&req.into_inner().data)
+    use bincode::Options;
+    wire()
+        .deserialize(&req.into_inner().data)
         .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
-    let data = serde_json::to_vec(v).map_err(|e| Status::internal(format!("encode: {e}")))?;
+    let data = bincode::serialize(v).map_err(|e| Status::internal(format!("encode: {e}")))?;
     Ok(Response::new(RaftPayload { data: data.into() }))
 }
 
