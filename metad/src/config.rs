@@ -45,7 +45,7 @@ impl Default for RaftConfig {
             keep_logs: 1_000,
             write_timeout: d(5_000),
             max_batch: 4096,
-            max_inflight: 4,
+            max_inflight: 1,
         }
     }
 }
