@@ -363,3 +363,48 @@ async fn a_frozen_majority_stops_commits_and_a_frozen_leader_is_replaced() {
     let s = cluster.members[leader].status().await.unwrap();
     assert_ne!(s.role, "leader", "the old leader did not step down");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_members_survive_losing_two() {
+    let dir = TestDir::new("metad-five");
+    let mut cluster = MetadCluster::start(dir.path(), 5, &[]).expect("start cluster");
+    let client = MetaClient::new(&metad::client::parse_addrs(&cluster.addr_list())).unwrap();
+    let leader = cluster.leader(Duration::from_secs(30)).await.unwrap();
+    create_bucket(&client, "five").await;
+    put(&client, "five", "before")
+        .await
+        .expect("write with five members");
+
+    // Lose the leader and one follower: three of five still make a majority.
+    let follower = (0..5).find(|i| *i != leader).unwrap();
+    cluster.members[leader].proc.kill9();
+    cluster.members[follower].proc.kill9();
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs(30);
+    loop {
+        match put(&client, "five", "after").await {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                assert!(
+                    matches!(
+                        e.code(),
+                        Code::Unknown | Code::Unavailable | Code::DeadlineExceeded
+                    ),
+                    "{e:?}"
+                );
+            }
+            Err(e) => panic!("three of five members did not go on: {e:?}"),
+        }
+    }
+    println!(
+        "five members, two killed: writes acknowledged again after {:?}",
+        t.elapsed()
+    );
+    let mut c = cluster.members[(0..5).find(|i| *i != leader && *i != follower).unwrap()]
+        .client()
+        .unwrap();
+    let listed = list_all(&mut c, "five", Consistency::Linearizable)
+        .await
+        .unwrap();
+    assert!(listed.contains_key("before") && listed.contains_key("after"));
+}
