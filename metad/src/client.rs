@@ -1,6 +1,7 @@
 //! A client for metad that any sov component uses: several member addresses, retries on
-//! `UNAVAILABLE` (no leader yet, leader changed, member down) with a bounded total time, and
-//! never hunts for the leader itself (every member forwards).
+//! `UNAVAILABLE` (no leader yet, leader changed, member down) with a bounded total time. It
+//! needs no leader (every member forwards), but follows the `x-sov-leader` hint each answer
+//! carries, so its next requests skip the forwarding hop.
 //!
 //! A retried write whose first attempt did reach the leader may be applied twice; every table
 //! operation is either idempotent or answers the repeat with a clear status (for example
@@ -88,6 +89,26 @@ impl MetaClient {
         self
     }
 
+    /// Sends the next requests to the member the answer names as leader, if it is one of ours
+    /// (saves the forwarding hop).
+    fn follow_leader_hint<T>(&self, r: &Response<T>) {
+        let Some(hint) = r
+            .metadata()
+            .get("x-sov-leader")
+            .and_then(|v| v.to_str().ok())
+        else {
+            return;
+        };
+        let strip = |a: &str| {
+            a.trim_start_matches("http://")
+                .trim_start_matches("https://")
+                .to_string()
+        };
+        if let Some(i) = self.clients.iter().position(|(a, _)| strip(a) == hint) {
+            self.next.store(i, Ordering::Relaxed);
+        }
+    }
+
     /// The first member's generated client, without retries.
     pub fn first(&self) -> Client {
         self.clients[0].1.clone()
@@ -113,7 +134,10 @@ impl MetaClient {
             let i = self.next.load(Ordering::Relaxed) % self.clients.len();
             let client = self.clients[i].1.clone();
             match f(client).await {
-                Ok(r) => return Ok(r.into_inner()),
+                Ok(r) => {
+                    self.follow_leader_hint(&r);
+                    return Ok(r.into_inner());
+                }
                 Err(s) if retryable(&s) => {
                     tries += 1;
                     self.next.store(i + 1, Ordering::Relaxed);

@@ -180,6 +180,17 @@ impl Core {
         }
     }
 
+    /// The leader's address as this member knows it.
+    pub fn leader_addr(&self) -> Option<String> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let l = m.current_leader?;
+        m.membership_config
+            .membership()
+            .get_node(&l)
+            .map(|n| n.addr.clone())
+    }
+
     /// Resolves when this member no longer sees `leader` as the leader (it died, froze or
     /// lost an election): a request forwarded to it is then abandoned and retried.
     pub async fn leader_changed(&self, leader: NodeId) {

@@ -23,6 +23,8 @@ use crate::tables::{self, AccessKeyRecord, DataKeyRecord};
 
 /// Header a member sets on a request it forwards, so the leader never forwards it again.
 pub const FORWARDED: &str = "x-sov-forwarded";
+/// Response header naming the leader's address, as the answering member knows it.
+pub const LEADER_HINT: &str = "x-sov-leader";
 /// Times a read-modify-write retries after losing a compare-and-set race.
 const RMW_TRIES: usize = 16;
 
@@ -109,7 +111,17 @@ impl MetadService {
         m.request_seconds
             .with_label_values(&[method])
             .observe(start.elapsed().as_secs_f64());
-        r.map(Response::new)
+        let leader = self.core.leader_addr();
+        r.map(|v| {
+            let mut resp = Response::new(v);
+            // A hint for clients: send the next request straight to the leader.
+            if let Some(addr) = leader
+                && let Ok(v) = addr.parse()
+            {
+                resp.metadata_mut().insert(LEADER_HINT, v);
+            }
+            resp
+        })
     }
 
     /// On the leader, for a linearizable read: waits for the read index.

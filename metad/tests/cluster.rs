@@ -374,6 +374,19 @@ async fn five_members_survive_losing_two() {
     put(&client, "five", "before")
         .await
         .expect("write with five members");
+    // The client follows the leader hint: after the first answers, nothing is forwarded.
+    for i in 0..50 {
+        put(&client, "five", &format!("hinted-{i}")).await.unwrap();
+    }
+    let forwarded: f64 = cluster
+        .members
+        .iter()
+        .map(|m| {
+            let text = sov_testkit::http_get(&m.metrics_url()).unwrap();
+            sov_testkit::metric_value(&text, "metad_forwarded_total", "").unwrap_or(0.0)
+        })
+        .sum();
+    assert!(forwarded <= 3.0, "{forwarded} of 52 requests were forwarded");
 
     // Lose the leader and one follower: three of five still make a majority.
     let follower = (0..5).find(|i| *i != leader).unwrap();
