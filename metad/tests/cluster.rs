@@ -386,7 +386,10 @@ async fn five_members_survive_losing_two() {
             sov_testkit::metric_value(&text, "metad_forwarded_total", "").unwrap_or(0.0)
         })
         .sum();
-    assert!(forwarded <= 3.0, "{forwarded} of 52 requests were forwarded");
+    assert!(
+        forwarded <= 3.0,
+        "{forwarded} of 52 requests were forwarded"
+    );
 
     // Lose the leader and one follower: three of five still make a majority.
     let follower = (0..5).find(|i| *i != leader).unwrap();
