@@ -532,9 +532,38 @@ impl Metad for MetadService {
                     r.node_id
                 )));
             };
-            self.core.saw(&r.node_id, r.disks);
             let node: Node = decode("node", &raw)?;
-            let epoch = if node.state != "up" {
+            // Capacity of the disks that work: a disk that failed (or was added) changes the
+            // node's share of placement, so the map follows it.
+            let usable: u64 = r
+                .disks
+                .iter()
+                .filter(|d| d.health != "failed")
+                .map(|d| d.capacity_bytes)
+                .sum();
+            let capacity_changed = !r.disks.is_empty() && usable != node.capacity_bytes;
+            let disks = r.disks.clone();
+            self.core.saw(&r.node_id, r.disks);
+            let epoch = if capacity_changed {
+                self.put_node(node.clone(), |cur| {
+                    let mut n = cur.cloned().unwrap_or_else(|| node.clone());
+                    if n.weight == n.capacity_bytes {
+                        n.weight = usable;
+                    }
+                    n.capacity_bytes = usable;
+                    n.disks = disks
+                        .iter()
+                        .map(|d| Disk {
+                            path: d.path.clone(),
+                            capacity_bytes: d.capacity_bytes,
+                            ..Default::default()
+                        })
+                        .collect();
+                    n.state = "up".into();
+                    n
+                })
+                .await?
+            } else if node.state != "up" {
                 set_node_state(&self.core, &r.node_id, "up", false).await?
             } else {
                 self.epoch()?

@@ -430,6 +430,46 @@ async fn tables_and_bad_input() {
     assert!(pool.pg_count >= 32 && pool.pg_count.is_power_of_two());
     assert_eq!(pool.id, 1);
 
+    // A heartbeat reporting a failed disk takes the node's capacity (and weight) out of
+    // placement, with a new epoch; a working disk brings it back.
+    let node_of =
+        |map: &ClusterMap, id: &str| map.nodes.iter().find(|n| n.id == id).cloned().unwrap();
+    let before = c
+        .get_cluster_map(GetClusterMapRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let hb = |health: &str| HeartbeatRequest {
+        node_id: "n0".into(),
+        disks: vec![Disk {
+            path: "/d1".into(),
+            capacity_bytes: 1 << 40,
+            used_bytes: 5,
+            health: health.into(),
+        }],
+    };
+    let e1 = c.heartbeat(hb("failed")).await.unwrap().into_inner().epoch;
+    assert!(e1 > before.epoch);
+    let map = c
+        .get_cluster_map(GetClusterMapRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let n0 = node_of(&map, "n0");
+    assert_eq!((n0.capacity_bytes, n0.weight), (0, 0), "{n0:?}");
+    let e2 = c.heartbeat(hb("ok")).await.unwrap().into_inner().epoch;
+    assert!(e2 > e1);
+    let map = c
+        .get_cluster_map(GetClusterMapRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let n0 = node_of(&map, "n0");
+    assert_eq!((n0.capacity_bytes, n0.weight), (1 << 40, 1 << 40));
+    assert_eq!(n0.disks[0].used_bytes, 5, "live usage from the heartbeat");
+    let e3 = c.heartbeat(hb("ok")).await.unwrap().into_inner().epoch;
+    assert_eq!(e3, e2, "an unchanged heartbeat changes nothing");
+
     // Garbage on the Raft port is refused, not a crash.
     let ch = tonic::transport::Channel::from_shared(format!("http://{}", m.addr))
         .unwrap()
