@@ -34,6 +34,7 @@ metrics-check:
 bench-smoke:
 	$(TARGET_DIR)/debug/sov-bench storaged --quick
 	$(TARGET_DIR)/debug/sov-bench metad --quick --clients 1,16
+	$(TARGET_DIR)/debug/sov-bench codec --quick
 
 ## Installs what the tests need, then every gate: fmt, clippy, tests, promtool, bench smoke.
 test: test-deps fmt clippy unit metrics-check bench-smoke
@@ -44,6 +45,7 @@ bench: deps
 	$(CARGO) build --release -p storaged -p metad -p sov-bench
 	$(TARGET_DIR)/release/sov-bench storaged
 	$(TARGET_DIR)/release/sov-bench metad
+	$(TARGET_DIR)/release/sov-bench codec
 
 ## metad against etcd (three members each, loopback).
 bench-metad:

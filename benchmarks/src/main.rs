@@ -1,6 +1,7 @@
 //! sov-bench: benchmark programs for sov, one subcommand each, every one reporting a ratio
 //! against a baseline measured in the same run.
 
+mod codec;
 mod metad;
 mod payload;
 mod rawdisk;
@@ -28,6 +29,9 @@ enum Command {
     /// concurrent clients, against a 3-member etcd cluster doing the same writes, both on
     /// loopback.
     Metad(metad::Args),
+    /// Reed-Solomon encode and rebuild throughput of reed-solomon-simd against
+    /// reed-solomon-erasure on the same shards, each rebuild checked byte for byte.
+    Codec(codec::Args),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +39,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Storaged(args) => storaged::run(args),
         Command::Metad(args) => metad::run(args),
+        Command::Codec(args) => codec::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
