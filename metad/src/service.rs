@@ -174,10 +174,21 @@ impl MetadService {
 
     /// Nodes and pools as this member's state machine has them.
     fn cluster_map(&self) -> Result<ClusterMap, Status> {
-        let epoch = self.epoch()?;
+        // Epoch, nodes and pools from one snapshot, so the epoch always names these contents.
+        let (epoch_raw, mut tables_read) = self
+            .core
+            .sm
+            .consistent_read(
+                tables::EPOCH_KEY,
+                &[tables::NODE_PREFIX, tables::POOL_PREFIX],
+            )
+            .map_err(|e| internal("reading the state machine", e))?;
+        let epoch = tables::decode_u64(epoch_raw.as_deref());
+        let pool_pairs = tables_read.pop().unwrap_or_default();
+        let node_pairs = tables_read.pop().unwrap_or_default();
         let seen = self.core.seen.lock().expect("seen lock").clone();
         let mut nodes = Vec::new();
-        for (_, v) in self.scan(tables::NODE_PREFIX)? {
+        for (_, v) in node_pairs {
             let mut n: Node = decode("node", &v)?;
             if let Some(s) = seen.get(&n.id) {
                 n.last_heartbeat_unix_ms = s.at_unix_ms;
@@ -191,7 +202,7 @@ impl MetadService {
             nodes.push(n);
         }
         let mut pools = Vec::new();
-        for (_, v) in self.scan(tables::POOL_PREFIX)? {
+        for (_, v) in pool_pairs {
             pools.push(decode("pool", &v)?);
         }
         Ok(ClusterMap {

@@ -611,6 +611,31 @@ impl StateMachine {
         self.db.get_cf(cf(&self.db, CF_SM), key)
     }
 
+    /// One key's value and every pair under each prefix, all read from one RocksDB snapshot
+    /// (a single point of the state machine, whatever applies meanwhile).
+    pub fn consistent_read(
+        &self,
+        key: &[u8],
+        prefixes: &[&[u8]],
+    ) -> Result<(Option<Vec<u8>>, Vec<Pairs>), rocksdb::Error> {
+        let snap = self.db.snapshot();
+        let sm = cf(&self.db, CF_SM);
+        let value = snap.get_cf(sm, key)?;
+        let mut out = Vec::with_capacity(prefixes.len());
+        for prefix in prefixes {
+            let mut pairs = Vec::new();
+            for item in snap.iterator_cf(sm, IteratorMode::From(prefix, Direction::Forward)) {
+                let (k, v) = item?;
+                if !k.starts_with(prefix) {
+                    break;
+                }
+                pairs.push((k.to_vec(), v.to_vec()));
+            }
+            out.push(pairs);
+        }
+        Ok((value, out))
+    }
+
     /// Visits pairs in key order from `from` (inclusive); the visitor steps, seeks or stops.
     pub fn walk(
         &self,
