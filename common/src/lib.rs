@@ -1,10 +1,13 @@
 //! Shared building blocks of the sov daemons: config units, telemetry, shutdown, background
-//! workers and the chunk codec. Small on purpose: anything with a protocol lives elsewhere.
+//! workers, the chunk codec, and the stored formats of objects (chunk ids, erasure-coded
+//! stripes). Small on purpose: anything with a protocol lives elsewhere.
 
 pub mod codec;
 pub mod config;
+pub mod layout;
 pub mod placement;
 pub mod shutdown;
+pub mod stripe;
 pub mod telemetry;
 pub mod units;
 pub mod worker;
