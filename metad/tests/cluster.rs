@@ -104,7 +104,7 @@ async fn leader_kills_lose_no_acknowledged_write() {
     let mut cluster = MetadCluster::start(
         dir.path(),
         3,
-        &["--snapshot-logs", "30", "--keep-logs", "5"],
+        &["--snapshot-logs", "60", "--keep-logs", "5"],
     )
     .expect("start cluster");
     let addrs = cluster.addr_list();
@@ -161,8 +161,8 @@ async fn leader_kills_lose_no_acknowledged_write() {
                 break;
             }
             assert!(
-                killed_at.elapsed() < Duration::from_secs(20),
-                "round {round}: no write acknowledged within 20s of killing the leader"
+                killed_at.elapsed() < Duration::from_secs(30),
+                "round {round}: no write acknowledged within 30s of killing the leader"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -204,7 +204,7 @@ async fn leader_kills_lose_no_acknowledged_write() {
         acked.len()
     );
     for f in &failovers {
-        assert!(*f < Duration::from_secs(15), "failover took {f:?}");
+        assert!(*f < Duration::from_secs(20), "failover took {f:?}");
     }
 
     // Every member, the restarted ones too, holds every acknowledged write.
