@@ -4,6 +4,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod daemon;
 pub mod layout;
 pub mod placement;
 pub mod shutdown;

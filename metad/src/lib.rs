@@ -214,9 +214,7 @@ pub async fn run(
             pid: std::process::id(),
             id: cfg.id,
         };
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&ready)?)?;
-        std::fs::rename(&tmp, &path)?;
+        sov_common::daemon::write_ready_file(&path, &ready)?;
     }
 
     shutdown.wait().await;

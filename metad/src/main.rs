@@ -107,39 +107,20 @@ fn config(f: Flags) -> anyhow::Result<(MetadConfig, Option<PathBuf>)> {
     Ok((c, f.ready_file))
 }
 
-async fn serve(cfg: MetadConfig, ready: Option<PathBuf>) -> anyhow::Result<()> {
+async fn serve(
+    cfg: MetadConfig,
+    ready: Option<PathBuf>,
+    shutdown: sov_common::shutdown::Shutdown,
+) -> anyhow::Result<()> {
     let (grpc, _) = sov_common::telemetry::bind(&cfg.listen).await?;
     let (metrics, _) = sov_common::telemetry::bind(&cfg.metrics_listen).await?;
-    let (trigger, shutdown) = sov_common::shutdown::channel();
-    tokio::spawn(async move {
-        sov_common::shutdown::signal().await;
-        trigger.trigger();
-    });
     metad::run(cfg, metad::Listeners { grpc, metrics }, shutdown, ready).await
 }
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
     sov_common::telemetry::init_tracing();
-    let (cfg, ready) = match config(flags) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("metad: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("metad: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(serve(cfg, ready)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("metad: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    sov_common::daemon::main("metad", config(flags), |(cfg, ready), sd| {
+        serve(cfg, ready, sd)
+    })
 }

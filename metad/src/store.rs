@@ -246,6 +246,21 @@ pub struct BatchResult {
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 /// The last applied log id and the membership it carries.
 type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, Member>);
+/// Adds one write to an `apply` call's batch and makes it visible to the checks after it.
+fn stage(
+    b: &mut WriteBatch,
+    sm: &rocksdb::ColumnFamily,
+    pending: &mut Pending,
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+) {
+    match &value {
+        Some(v) => b.put_cf(sm, &key, v),
+        None => b.delete_cf(sm, &key),
+    }
+    pending.insert(key, value);
+}
+
 /// What [`StateMachine::walk`] does after a pair.
 pub enum Walk {
     Next,
@@ -849,13 +864,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     for c in batch.commands {
                         out.push(match c {
                             Command::Put { key, value } => {
-                                b.put_cf(sm, &key, &value);
-                                pending.insert(key, Some(value));
+                                stage(&mut b, sm, &mut pending, key, Some(value));
                                 CommandResult::Done
                             }
                             Command::Delete { key } => {
-                                b.delete_cf(sm, &key);
-                                pending.insert(key, None);
+                                stage(&mut b, sm, &mut pending, key, None);
                                 CommandResult::Done
                             }
                             Command::CompareAndSet { key, expected, new } => {
@@ -863,11 +876,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 if current != expected {
                                     CommandResult::Conflict { current }
                                 } else {
-                                    match &new {
-                                        Some(v) => b.put_cf(sm, &key, v),
-                                        None => b.delete_cf(sm, &key),
-                                    }
-                                    pending.insert(key, new);
+                                    stage(&mut b, sm, &mut pending, key, new);
                                     CommandResult::Done
                                 }
                             }
@@ -879,13 +888,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                     None => {
                                         for op in ops {
                                             match op {
-                                                Op::Put { key, value } => {
-                                                    b.put_cf(sm, &key, &value);
-                                                    pending.insert(key, Some(value));
-                                                }
+                                                Op::Put { key, value } => stage(
+                                                    &mut b,
+                                                    sm,
+                                                    &mut pending,
+                                                    key,
+                                                    Some(value),
+                                                ),
                                                 Op::Delete { key } => {
-                                                    b.delete_cf(sm, &key);
-                                                    pending.insert(key, None);
+                                                    stage(&mut b, sm, &mut pending, key, None)
                                                 }
                                             }
                                         }

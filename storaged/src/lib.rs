@@ -200,9 +200,7 @@ pub async fn run(
             node_id: ident.node_id.clone(),
             io_engine: ident.io_engine.clone(),
         };
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&ready)?)?;
-        std::fs::rename(&tmp, &path)?;
+        sov_common::daemon::write_ready_file(&path, &ready)?;
     }
 
     shutdown.wait().await;

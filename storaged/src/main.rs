@@ -130,39 +130,20 @@ fn config(f: Flags) -> anyhow::Result<(StoragedConfig, Option<PathBuf>)> {
     Ok((c, f.ready_file))
 }
 
-async fn serve(cfg: StoragedConfig, ready: Option<PathBuf>) -> anyhow::Result<()> {
+async fn serve(
+    cfg: StoragedConfig,
+    ready: Option<PathBuf>,
+    shutdown: sov_common::shutdown::Shutdown,
+) -> anyhow::Result<()> {
     let (grpc, _) = sov_common::telemetry::bind(&cfg.listen).await?;
     let (metrics, _) = sov_common::telemetry::bind(&cfg.metrics_listen).await?;
-    let (trigger, shutdown) = sov_common::shutdown::channel();
-    tokio::spawn(async move {
-        sov_common::shutdown::signal().await;
-        trigger.trigger();
-    });
     storaged::run(cfg, storaged::Listeners { grpc, metrics }, shutdown, ready).await
 }
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
     sov_common::telemetry::init_tracing();
-    let (cfg, ready) = match config(flags) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("storaged: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("storaged: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(serve(cfg, ready)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("storaged: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    sov_common::daemon::main("storaged", config(flags), |(cfg, ready), sd| {
+        serve(cfg, ready, sd)
+    })
 }
