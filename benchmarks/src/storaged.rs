@@ -451,6 +451,7 @@ async fn put_one(
             id: id.clone(),
             length: size as u64,
             expected_blake3: Bytes::new(),
+            epoch: 0,
         })),
     });
     msgs.push(data(Bytes::from(head)));

@@ -204,6 +204,32 @@ pub fn acting_set(pool_id: u64, pg: u32, width: usize, map: &ClusterMap) -> Vec<
     set
 }
 
+/// Which node holds each position `0..width` of a PG whose acting set is `set`.
+///
+/// With a full set, position `i` is `set[i]`. A short set (fewer eligible nodes than the
+/// profile is wide, e.g. a zone out) leaves the missing positions empty (`None`), except for
+/// erasure coding when the set can still carry every shard with no node holding more than `m`
+/// of one stripe: then positions wrap round the set (position `i` on `set[i % n]`), so the
+/// stripe keeps full width and losing any one node still leaves `k` shards. This departs from
+/// "one shard per node" only while the cluster is short of nodes (see ARCHITECTURE.md).
+pub fn slots(r: &Redundancy, set: &[String]) -> Vec<Option<String>> {
+    let width = r.width();
+    let n = set.len();
+    let wrap = match *r {
+        Redundancy::Ec { m, .. } => n > 0 && n < width && width.div_ceil(n) <= usize::from(m),
+        Redundancy::Replicated { .. } => false,
+    };
+    (0..width)
+        .map(|i| {
+            if wrap {
+                Some(set[i % n].clone())
+            } else {
+                set.get(i).cloned()
+            }
+        })
+        .collect()
+}
+
 /// Refuses a profile that cannot be placed on `map`: one that is unusable in itself, or one
 /// wider than the number of eligible nodes.
 ///
@@ -673,5 +699,26 @@ mod tests {
                 "pg {pg} got {c}, expected {expected}"
             );
         }
+    }
+
+    #[test]
+    fn slots_fill_wrap_or_leave_gaps() {
+        let set = |n: usize| (0..n).map(|i| format!("n{i}")).collect::<Vec<_>>();
+        let ec = Redundancy::Ec { k: 4, m: 2 };
+        let full = slots(&ec, &set(6));
+        assert_eq!(full, set(6).into_iter().map(Some).collect::<Vec<_>>());
+        // 4 nodes for 6 shards: at most 2 per node, so they wrap.
+        let wrapped = slots(&ec, &set(4));
+        assert_eq!(wrapped[4].as_deref(), Some("n0"));
+        assert_eq!(wrapped[5].as_deref(), Some("n1"));
+        // 2 nodes would need 3 per node, more than m: positions stay empty.
+        let short = slots(&ec, &set(2));
+        assert_eq!(short.iter().filter(|s| s.is_none()).count(), 4);
+        let rep = Redundancy::Replicated { size: 3 };
+        assert_eq!(
+            slots(&rep, &set(2)),
+            vec![Some("n0".into()), Some("n1".into()), None]
+        );
+        assert!(slots(&rep, &[]).iter().all(Option::is_none));
     }
 }

@@ -60,6 +60,9 @@ pub struct NodesConfig {
     pub down_after: HumanDuration,
     /// Silent this long: `out` (its placement groups move to other nodes).
     pub out_after: HumanDuration,
+    /// How long the data of a deleted or replaced object version stays on the storage nodes
+    /// before they free it (reads that began before the delete finish meanwhile).
+    pub delete_grace: HumanDuration,
 }
 
 impl Default for NodesConfig {
@@ -68,6 +71,7 @@ impl Default for NodesConfig {
             heartbeat_interval: d(1_000),
             down_after: d(10_000),
             out_after: d(600_000),
+            delete_grace: d(60_000),
         }
     }
 }

@@ -10,7 +10,7 @@
 // boxing it at each step would only be unboxed again at the boundary.
 #![allow(clippy::result_large_err)]
 
-pub mod client;
+pub use sov_client::meta as client;
 pub mod config;
 pub mod core;
 pub mod metrics;

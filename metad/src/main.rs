@@ -62,6 +62,9 @@ struct Flags {
     /// A storage node silent this long goes `out`, e.g. 10m.
     #[arg(long)]
     out_after: Option<HumanDuration>,
+    /// Storage nodes free deleted object data this long after the delete, e.g. 60s.
+    #[arg(long)]
+    delete_grace: Option<HumanDuration>,
     /// Write {listen, metrics_listen, pid, id} as JSON here once serving (used by tests).
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -91,6 +94,7 @@ fn config(f: Flags) -> anyhow::Result<(MetadConfig, Option<PathBuf>)> {
     set!(f.node_heartbeat_interval => nodes.heartbeat_interval);
     set!(f.down_after => nodes.down_after);
     set!(f.out_after => nodes.out_after);
+    set!(f.delete_grace => nodes.delete_grace);
     if f.advertise.is_some() {
         c.advertise = f.advertise;
     }

@@ -722,25 +722,33 @@ impl Metad for MetadService {
             {
                 let r = req.into_inner();
                 tables::validate_bucket_name(&r.name).map_err(Status::invalid_argument)?;
+                // With a master key, every bucket gets its own data key in the same step.
+                let data_key = match self.core.master() {
+                    Ok(_) => Some(self.new_data_key(&format!("bucket:{}", r.name))?),
+                    Err(_) => None,
+                };
                 let bucket = Bucket {
                     name: r.name.clone(),
                     owner: r.owner.clone(),
                     created_unix_ms: unix_ms(),
                     pool: r.pool.clone(),
+                    data_key_id: data_key.as_ref().map(|k| k.0.clone()).unwrap_or_default(),
                 };
                 let mut checks = vec![(tables::bucket_key(&r.name), Check::Absent)];
                 if !r.pool.is_empty() {
                     checks.push((tables::pool_key(&r.pool), Check::Exists));
                 }
-                let failed = self
-                    .txn(
-                        checks,
-                        vec![Op::Put {
-                            key: tables::bucket_key(&r.name),
-                            value: bucket.encode_to_vec(),
-                        }],
-                    )
-                    .await?;
+                let mut ops = vec![Op::Put {
+                    key: tables::bucket_key(&r.name),
+                    value: bucket.encode_to_vec(),
+                }];
+                if let Some((id, _, value)) = data_key {
+                    ops.push(Op::Put {
+                        key: tables::dkey_key(&id),
+                        value,
+                    });
+                }
+                let failed = self.txn(checks, ops).await?;
                 match failed {
                     None => Ok(bucket),
                     Some((0, cur)) => {
@@ -895,16 +903,22 @@ impl Metad for MetadService {
                     Some(c) => Check::Equals(c),
                     None => Check::Absent,
                 };
+                let mut ops = vec![Op::Put {
+                    key: key.clone(),
+                    value: value.clone(),
+                }];
+                if let Some(old) = &replaced
+                    && let Some(t) = self.tombstone_op(old)?
+                {
+                    ops.push(t);
+                }
                 let failed = self
                     .txn(
                         vec![
                             (tables::bucket_key(&obj.bucket), Check::Exists),
                             (key.clone(), obj_check),
                         ],
-                        vec![Op::Put {
-                            key: key.clone(),
-                            value: value.clone(),
-                        }],
+                        ops,
                     )
                     .await?;
                 match failed {
@@ -994,11 +1008,12 @@ impl Metad for MetadService {
                             )));
                         }
                     }
+                    let mut ops = vec![Op::Delete { key: key.clone() }];
+                    if let Some(t) = self.tombstone_op(&deleted)? {
+                        ops.push(t);
+                    }
                     let failed = self
-                        .txn(
-                            vec![(key.clone(), Check::Equals(cur))],
-                            vec![Op::Delete { key: key.clone() }],
-                        )
+                        .txn(vec![(key.clone(), Check::Equals(cur))], ops)
                         .await?;
                     if failed.is_none() {
                         return Ok(DeleteObjectResponse {
@@ -1235,21 +1250,8 @@ impl Metad for MetadService {
                 if purpose.len() > 256 {
                     return Err(Status::invalid_argument("purpose is longer than 256 bytes"));
                 }
-                let master = self.core.master()?;
-                let id = hex::encode(rand::random::<[u8; 16]>());
-                let key = codec::ChunkKey::generate();
-                let wrapped = codec::seal(master, &data_key_aad(&id), key.as_bytes());
-                let (wrapped, wrapped_blake3) = sealed_parts(&wrapped);
+                let (id, key, value) = self.new_data_key(&purpose)?;
                 let created = unix_ms();
-                let rec = DataKeyRecord {
-                    version: 1,
-                    id: id.clone(),
-                    purpose: purpose.clone(),
-                    created_unix_ms: created,
-                    wrapped,
-                    wrapped_blake3,
-                };
-                let value = serde_json::to_vec(&rec).map_err(|e| internal("encode", e))?;
                 if self
                     .txn(
                         vec![(tables::dkey_key(&id), Check::Absent)],
@@ -1300,9 +1302,154 @@ impl Metad for MetadService {
             })
         })
     }
+
+    async fn list_tombstones(
+        &self,
+        req: Request<ListTombstonesRequest>,
+    ) -> Result<Response<ListTombstonesResponse>, Status> {
+        handle!(
+            self,
+            req,
+            "ListTombstones",
+            list_tombstones,
+            local_ok = false,
+            {
+                let r = req.get_ref();
+                self.read_barrier(Consistency::Linearizable as i32).await?;
+                let limit = match r.limit {
+                    0 => tables::MAX_LIST,
+                    n => (n as usize).min(tables::MAX_LIST),
+                };
+                let start = if r.start_after.is_empty() {
+                    Vec::new()
+                } else {
+                    tables::tomb_key(&r.start_after)
+                };
+                let pairs = self
+                    .core
+                    .sm
+                    .scan(tables::TOMB_PREFIX, &start, limit + 1)
+                    .map_err(|e| internal("reading the state machine", e))?;
+                let more = pairs.len() > limit;
+                let mut tombstones = Vec::new();
+                for (_, v) in pairs.into_iter().take(limit) {
+                    tombstones.push(decode::<Tombstone>("tombstone", &v)?);
+                }
+                let next_start_after = if more {
+                    tombstones.last().map(|t| t.id.clone()).unwrap_or_default()
+                } else {
+                    String::new()
+                };
+                Ok(ListTombstonesResponse {
+                    tombstones,
+                    next_start_after,
+                })
+            }
+        )
+    }
+
+    async fn ack_tombstone(
+        &self,
+        req: Request<AckTombstoneRequest>,
+    ) -> Result<Response<AckTombstoneResponse>, Status> {
+        handle!(
+            self,
+            req,
+            "AckTombstone",
+            ack_tombstone,
+            local_ok = false,
+            {
+                let r = req.into_inner();
+                let key = tables::tomb_key(&r.id);
+                for _ in 0..RMW_TRIES {
+                    let Some(cur) = self.get(&key)? else {
+                        return Ok(AckTombstoneResponse { found: false });
+                    };
+                    let mut t: Tombstone = decode("tombstone", &cur)?;
+                    t.pending.retain(|n| n != &r.node_id);
+                    let op = if t.pending.is_empty() {
+                        Op::Delete { key: key.clone() }
+                    } else {
+                        Op::Put {
+                            key: key.clone(),
+                            value: t.encode_to_vec(),
+                        }
+                    };
+                    if self
+                        .txn(vec![(key.clone(), Check::Equals(cur))], vec![op])
+                        .await?
+                        .is_none()
+                    {
+                        return Ok(AckTombstoneResponse { found: true });
+                    }
+                }
+                Err(Status::aborted("the tombstone kept changing; retry"))
+            }
+        )
+    }
+}
+
+/// A tombstone's id: the pool and the object write's uid.
+pub fn tomb_id(pool_id: u64, uid: &[u8]) -> String {
+    format!("{pool_id:016x}/{}", hex::encode(uid))
 }
 
 impl MetadService {
+    /// A fresh data key wrapped by the master key: its id, the key, and the record to store.
+    fn new_data_key(&self, purpose: &str) -> Result<(String, codec::ChunkKey, Vec<u8>), Status> {
+        let master = self.core.master()?;
+        let id = hex::encode(rand::random::<[u8; 16]>());
+        let key = codec::ChunkKey::generate();
+        let wrapped = codec::seal(master, &data_key_aad(&id), key.as_bytes());
+        let (wrapped, wrapped_blake3) = sealed_parts(&wrapped);
+        let rec = DataKeyRecord {
+            version: 1,
+            id: id.clone(),
+            purpose: purpose.to_string(),
+            created_unix_ms: unix_ms(),
+            wrapped,
+            wrapped_blake3,
+        };
+        let value = serde_json::to_vec(&rec).map_err(|e| internal("encode", e))?;
+        Ok((id, key, value))
+    }
+
+    /// The tombstone that frees an old version's data on every storage node, as an operation
+    /// for the transaction that deletes or replaces the version. None when it has no data or
+    /// its manifest is not one this build writes (then there is nothing it could free).
+    fn tombstone_op(&self, old: &ObjectVersion) -> Result<Option<Op>, Status> {
+        let m = match sov_client::manifest::decode(&old.manifest) {
+            Ok(m) => m,
+            Err(e) => {
+                if !old.manifest.is_empty() {
+                    tracing::warn!(bucket = %old.bucket, key = %old.key, error = %e, "replaced version has no usable manifest; its data is not tombstoned");
+                }
+                return Ok(None);
+            }
+        };
+        if sov_client::manifest::chunk_count(&m) == 0 {
+            return Ok(None);
+        }
+        let id = tomb_id(m.pool_id, &m.uid);
+        let mut pending = Vec::new();
+        for (_, v) in self.scan(tables::NODE_PREFIX)? {
+            let n: Node = decode("node", &v)?;
+            pending.push(n.id);
+        }
+        let now = unix_ms();
+        let t = Tombstone {
+            id: id.clone(),
+            manifest: old.manifest.clone(),
+            not_before_unix_ms: now + self.core.cfg.nodes.delete_grace.0.as_millis() as u64,
+            pending,
+            created_unix_ms: now,
+        };
+        Ok(Some(Op::Put {
+            key: tables::tomb_key(&id),
+            value: t.encode_to_vec(),
+        }))
+    }
+
     /// Writes a node record built by `make` from the current one, bumping the epoch if it
     /// changed. Returns the epoch after.
     async fn put_node(

@@ -20,6 +20,7 @@ pub const POOL_PREFIX: &[u8] = b"pool/";
 pub const BUCKET_PREFIX: &[u8] = b"bucket/";
 pub const AKEY_PREFIX: &[u8] = b"akey/";
 pub const DKEY_PREFIX: &[u8] = b"dkey/";
+pub const TOMB_PREFIX: &[u8] = b"tomb/";
 
 /// S3's limit on object key length, in bytes.
 pub const MAX_KEY_LEN: usize = 1024;
@@ -47,6 +48,10 @@ pub fn bucket_key(name: &str) -> Vec<u8> {
 pub fn akey_key(id: &str) -> Vec<u8> {
     key(AKEY_PREFIX, id)
 }
+pub fn tomb_key(id: &str) -> Vec<u8> {
+    [TOMB_PREFIX, id.as_bytes()].concat()
+}
+
 pub fn dkey_key(id: &str) -> Vec<u8> {
     key(DKEY_PREFIX, id)
 }

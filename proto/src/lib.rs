@@ -11,3 +11,9 @@ pub mod metad {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("sov.metad.v1");
 }
+
+/// The stored description of an object's chunks (`sov.manifest.v1`).
+pub mod manifest {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("sov.manifest.v1");
+}

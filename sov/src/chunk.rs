@@ -121,6 +121,7 @@ pub async fn run(cmd: ChunkCmd, out: Output) -> Result<(), CliError> {
                     id: id.clone(),
                     length: data.len() as u64,
                     expected_blake3: hash.as_bytes().to_vec().into(),
+                    epoch: 0,
                 })),
             }];
             for part in data.chunks(FRAME) {

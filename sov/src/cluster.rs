@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand, ValueEnum};
-use metad::client::{MetaClient, parse_addrs, retryable};
 use serde_json::{Value, json};
+use sov_client::meta::{MetaClient, parse_addrs, retryable};
 use sov_proto::metad as pb;
 use sov_proto::metad::redundancy::Kind;
 use tonic::{Code, Status};
@@ -43,7 +43,7 @@ pub struct MetadArgs {
 }
 
 impl MetadArgs {
-    fn addrs(&self) -> Result<Vec<String>, CliError> {
+    pub(crate) fn addrs(&self) -> Result<Vec<String>, CliError> {
         let addrs = parse_addrs(&self.metad);
         if addrs.is_empty() {
             return Err(CliError::new(EXIT_USAGE, "--metad: no address given"));
@@ -51,7 +51,7 @@ impl MetadArgs {
         Ok(addrs)
     }
 
-    fn client(&self) -> Result<MetaClient, CliError> {
+    pub(crate) fn client(&self) -> Result<MetaClient, CliError> {
         MetaClient::new(&self.addrs()?).map_err(status_err)
     }
 }
@@ -214,7 +214,7 @@ fn code_name(c: Code) -> &'static str {
 
 /// The exit code a failed call maps to. A connection failure that tonic reports as `UNKNOWN`
 /// counts as unavailable, like `UNAVAILABLE` itself.
-fn exit_code(s: &Status) -> u8 {
+pub(crate) fn exit_code(s: &Status) -> u8 {
     match s.code() {
         Code::NotFound => EXIT_NOT_FOUND,
         Code::InvalidArgument | Code::FailedPrecondition | Code::AlreadyExists => EXIT_USAGE,
@@ -231,11 +231,11 @@ fn status_text(s: &Status) -> String {
     }
 }
 
-fn status_err(s: Status) -> CliError {
+pub(crate) fn status_err(s: Status) -> CliError {
     CliError::new(exit_code(&s), status_text(&s))
 }
 
-fn print(out: Output, json: Value, text: String) {
+pub(crate) fn print(out: Output, json: Value, text: String) {
     match out {
         Output::Json => println!(
             "{}",
@@ -246,7 +246,7 @@ fn print(out: Output, json: Value, text: String) {
 }
 
 /// Left-aligned columns two spaces apart, with a header row.
-fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
@@ -279,7 +279,7 @@ fn key_values(pairs: &[(&str, String)]) -> String {
 }
 
 /// Bytes in the largest binary unit below them, one decimal: `931.5GiB`.
-fn human_bytes(b: u64) -> String {
+pub(crate) fn human_bytes(b: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     if b < 1024 {
         return format!("{b}B");

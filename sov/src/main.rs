@@ -1,9 +1,11 @@
 //! `sov`, the admin CLI: `sov up` starts a local cluster; `sov cluster|node|pool|metad ...`
-//! administer it through metad; `sov debug chunk ...` exercises one storage node by hand.
+//! administer it through metad; `sov bucket|object ...` use the data path and `sov repair
+//! status` shows and audits redundancy; `sov debug chunk ...` exercises one storage node by hand.
 //! Every command takes `--output json` for scripts.
 
 mod chunk;
 mod cluster;
+mod object;
 mod up;
 
 use std::process::ExitCode;
@@ -51,6 +53,21 @@ enum Cmd {
     Metad {
         #[command(subcommand)]
         cmd: cluster::MetadCmd,
+    },
+    /// Buckets: create, list, delete.
+    Bucket {
+        #[command(subcommand)]
+        cmd: object::BucketCmd,
+    },
+    /// Objects through the data path: put, get, rm, ls.
+    Object {
+        #[command(subcommand)]
+        cmd: object::ObjectCmd,
+    },
+    /// Redundancy: recovery progress and a full audit of every placement group.
+    Repair {
+        #[command(subcommand)]
+        cmd: object::RepairCmd,
     },
     /// Low-level tools for operators and tests.
     Debug {
@@ -108,6 +125,9 @@ fn main() -> ExitCode {
             Cmd::Node { cmd } => cluster::run_node(cmd, out).await,
             Cmd::Pool { cmd } => cluster::run_pool(cmd, out).await,
             Cmd::Metad { cmd } => cluster::run_metad(cmd, out).await,
+            Cmd::Bucket { cmd } => object::run_bucket(cmd, out).await,
+            Cmd::Object { cmd } => object::run_object(cmd, out).await,
+            Cmd::Repair { cmd } => object::run_repair(cmd, out).await,
             Cmd::Debug { cmd } => match cmd {
                 DebugCmd::Chunk { cmd } => chunk::run(cmd, out).await,
                 DebugCmd::NodeInfo(a) => chunk::node_info(a, out).await,

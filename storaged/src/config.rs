@@ -63,6 +63,29 @@ impl Default for CompactionConfig {
     }
 }
 
+/// Recovery settings: pulling what this node's placement groups lack, deleting strays,
+/// freeing tombstoned data. Runs only with `metad` set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecoveryConfig {
+    /// Run the recovery worker at all.
+    pub enabled: bool,
+    /// Bytes per second pulled from peers ("0" = unlimited).
+    pub rate: Rate,
+    /// Pause between passes when nothing changed (an epoch change starts one at once).
+    pub interval: HumanDuration,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        RecoveryConfig {
+            enabled: true,
+            rate: Rate(128 << 20),
+            interval: HumanDuration(std::time::Duration::from_secs(30)),
+        }
+    }
+}
+
 /// The whole configuration of one storaged.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -99,6 +122,7 @@ pub struct StoragedConfig {
     pub drain_timeout: HumanDuration,
     pub scrub: ScrubConfig,
     pub compaction: CompactionConfig,
+    pub recovery: RecoveryConfig,
 }
 
 impl Default for StoragedConfig {
@@ -121,6 +145,7 @@ impl Default for StoragedConfig {
             drain_timeout: HumanDuration(std::time::Duration::from_secs(30)),
             scrub: ScrubConfig::default(),
             compaction: CompactionConfig::default(),
+            recovery: RecoveryConfig::default(),
         }
     }
 }

@@ -36,6 +36,8 @@ pub enum StoreError {
     Index(#[from] crate::index::IndexError),
     #[error("storaged is shutting down")]
     ShuttingDown,
+    #[error("stale epoch: the request was placed at epoch {request}, this node is at {node}")]
+    StaleEpoch { request: u64, node: u64 },
 }
 
 impl StoreError {
@@ -54,6 +56,7 @@ impl StoreError {
                 Code::Unavailable
             }
             StoreError::Io { .. } | StoreError::Index(_) => Code::Internal,
+            StoreError::StaleEpoch { .. } => Code::FailedPrecondition,
         };
         tonic::Status::new(code, self.to_string())
     }
@@ -72,6 +75,7 @@ impl StoreError {
                 "unavailable"
             }
             StoreError::Io { .. } | StoreError::Index(_) => "internal",
+            StoreError::StaleEpoch { .. } => "stale_epoch",
         }
     }
 

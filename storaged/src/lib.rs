@@ -7,6 +7,7 @@
 //! (the node's disks) → [`service`] (gRPC); [`scrub`] and [`compaction`] are workers over a
 //! disk; [`config`] and [`metrics`] are what they sound like.
 
+pub mod cluster;
 pub mod compaction;
 pub mod config;
 pub mod disk;
@@ -15,6 +16,7 @@ pub mod index;
 pub mod io;
 pub mod metrics;
 pub mod record;
+pub mod recovery;
 pub mod registration;
 pub mod scrub;
 pub mod service;
@@ -132,6 +134,10 @@ pub async fn run(
             ));
         }
     }
+    let recovery_info = Arc::new(std::sync::Mutex::new(
+        sov_proto::storaged::RecoveryInfo::default(),
+    ));
+    let mut cluster = None;
     if !cfg.metad.is_empty() {
         if cfg.advertise.is_none() && grpc_addr.ip().is_unspecified() {
             anyhow::bail!("listening on {grpc_addr}, which metad cannot hand out: set --advertise");
@@ -145,12 +151,35 @@ pub async fn run(
             metrics_addr: metrics_addr.to_string(),
             zone: cfg.zone.clone(),
         };
+        let meta = registration::client(&cfg.metad)?;
+        let c = cluster::Cluster::new(ident.node_id.clone(), meta, metrics.clone());
         tasks.spawn(registration::run(
-            cfg.metad.clone(),
+            c.clone(),
             node,
             store.clone(),
             workers_sd.clone(),
         ));
+        if cfg.recovery.enabled {
+            let cursor = cfg
+                .disks
+                .first()
+                .map(|d| d.join("recovery-cursor.json"))
+                .context("no disk")?;
+            let w = recovery::Recovery::new(
+                c.clone(),
+                store.clone(),
+                cfg.recovery.clone(),
+                metrics.clone(),
+                recovery_info.clone(),
+                cursor,
+            );
+            tasks.spawn(sov_common::worker::run(
+                w,
+                workers_sd.clone(),
+                Duration::from_secs(2),
+            ));
+        }
+        cluster = Some(c);
     }
     tasks.spawn(refresh_gauges(
         store.clone(),
@@ -172,6 +201,10 @@ pub async fn run(
         ident.clone(),
         draining.clone(),
     );
+    let svc = match cluster {
+        Some(c) => svc.with_cluster(c, recovery_info),
+        None => svc,
+    };
     let (grpc_stop, mut grpc_sd) = shutdown::channel();
     // Small replies must not wait for Nagle's algorithm (a 40 ms stall per small Get otherwise).
     let incoming =

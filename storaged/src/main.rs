@@ -62,6 +62,15 @@ struct Flags {
     /// How often compaction looks for work.
     #[arg(long)]
     compaction_interval: Option<HumanDuration>,
+    /// Recovery pull rate, e.g. 128MiB/s (0 = unlimited).
+    #[arg(long)]
+    recovery_rate: Option<Rate>,
+    /// Pause between recovery passes when nothing changed, e.g. 30s.
+    #[arg(long)]
+    recovery_interval: Option<HumanDuration>,
+    /// Turn the recovery worker off.
+    #[arg(long)]
+    no_recovery: bool,
     /// How long SIGTERM waits for requests in flight.
     #[arg(long)]
     drain_timeout: Option<HumanDuration>,
@@ -122,6 +131,15 @@ fn config(f: Flags) -> anyhow::Result<(StoragedConfig, Option<PathBuf>)> {
     }
     if let Some(v) = f.compaction_interval {
         c.compaction.interval = v;
+    }
+    if let Some(v) = f.recovery_rate {
+        c.recovery.rate = v;
+    }
+    if let Some(v) = f.recovery_interval {
+        c.recovery.interval = v;
+    }
+    if f.no_recovery {
+        c.recovery.enabled = false;
     }
     if let Some(v) = f.drain_timeout {
         c.drain_timeout = v;

@@ -2,7 +2,8 @@
 //! workers.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// Every metric storaged exports.
@@ -31,6 +32,15 @@ pub struct Metrics {
     pub group_commit_ops: Histogram,
     pub recovery_truncated: IntCounterVec,
     pub io_engine: IntGaugeVec,
+    pub map_epoch: IntGauge,
+    pub stale_epoch: IntCounter,
+    pub repair_chunks: IntCounterVec,
+    pub repair_bytes: IntCounter,
+    pub repair_passes: IntCounter,
+    pub repair_pgs: IntGaugeVec,
+    pub repair_missing: IntGauge,
+    pub repair_unrecoverable: IntGauge,
+    pub tombstone_deletes: IntCounter,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -207,6 +217,75 @@ impl Metrics {
                 "storaged_io_engine_info",
                 "The disk I/O engine in use (value 1).",
                 &["engine"],
+            ),
+            map_epoch: reg(
+                &r,
+                IntGauge::new(
+                    "storaged_map_epoch",
+                    "Cluster map epoch this node knows (0 without metad).",
+                )
+                .expect("valid metric"),
+            ),
+            stale_epoch: reg(
+                &r,
+                IntCounter::new(
+                    "storaged_stale_epoch_total",
+                    "Puts refused because the writer's map was older than this node's.",
+                )
+                .expect("valid metric"),
+            ),
+            repair_chunks: counter_vec(
+                &r,
+                "storaged_repair_chunks_total",
+                "Pieces written or removed by the recovery worker: copy (from a peer), rebuild \
+                 (erasure decode), heal (replacing a corrupt one), stray (deleted, held elsewhere).",
+                &["kind"],
+            ),
+            repair_bytes: reg(
+                &r,
+                IntCounter::new(
+                    "storaged_repair_bytes_total",
+                    "Bytes pulled from peers by the recovery worker.",
+                )
+                .expect("valid metric"),
+            ),
+            repair_passes: reg(
+                &r,
+                IntCounter::new(
+                    "storaged_repair_passes_total",
+                    "Completed recovery passes over every placement group.",
+                )
+                .expect("valid metric"),
+            ),
+            repair_pgs: gauge_vec(
+                &r,
+                "storaged_repair_pass_pgs",
+                "Placement groups of the running recovery pass: done and total.",
+                &["state"],
+            ),
+            repair_missing: reg(
+                &r,
+                IntGauge::new(
+                    "storaged_repair_missing",
+                    "Pieces this node lacked in its last finished recovery pass.",
+                )
+                .expect("valid metric"),
+            ),
+            repair_unrecoverable: reg(
+                &r,
+                IntGauge::new(
+                    "storaged_repair_unrecoverable",
+                    "Pieces the last recovery pass could not get from any peer.",
+                )
+                .expect("valid metric"),
+            ),
+            tombstone_deletes: reg(
+                &r,
+                IntCounter::new(
+                    "storaged_tombstone_deletes_total",
+                    "Chunks freed because their object version was deleted or replaced.",
+                )
+                .expect("valid metric"),
             ),
             registry: r,
         }

@@ -5,11 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use metad::client::MetaClient;
+use sov_client::meta::MetaClient;
 use sov_common::shutdown::Shutdown;
 use sov_proto::metad::{Disk, HeartbeatRequest, Node, RegisterNodeRequest};
 use tonic::Code;
 
+use crate::cluster::Cluster;
 use crate::store::Store;
 
 /// What this node tells metad about itself.
@@ -73,21 +74,25 @@ async fn register(
     ))
 }
 
-/// Registers, then heartbeats until `sd`.
-pub async fn run(metad: Vec<String>, me: NodeRegistration, store: Arc<Store>, mut sd: Shutdown) {
-    let client = match MetaClient::new(&metad) {
-        Ok(c) => c.with_retry_for(Duration::from_secs(2)),
-        Err(e) => {
-            tracing::error!(error = %e.message(), "bad metad address; not registering");
-            return;
-        }
-    };
+/// The metad client registration and the cluster view use.
+pub fn client(metad: &[String]) -> anyhow::Result<MetaClient> {
+    Ok(MetaClient::new(metad)
+        .map_err(|e| anyhow::anyhow!("bad metad address: {}", e.message()))?
+        .with_retry_for(Duration::from_secs(2)))
+}
+
+/// Registers, then heartbeats until `sd`; keeps `cluster`'s map at the epoch metad reports.
+pub async fn run(cluster: Arc<Cluster>, me: NodeRegistration, store: Arc<Store>, mut sd: Shutdown) {
+    let client = cluster.meta.clone();
     let mut interval: Option<Duration> = None;
     loop {
         let pause = match interval {
             None => match register(&client, &me, &store).await {
                 Ok(i) => {
                     interval = Some(i);
+                    if let Err(e) = cluster.refresh(0).await {
+                        tracing::warn!(error = %e.message(), "fetching the cluster map failed");
+                    }
                     i
                 }
                 Err(e) => {
@@ -107,7 +112,13 @@ pub async fn run(metad: Vec<String>, me: NodeRegistration, store: Arc<Store>, mu
                     })
                     .await;
                 match r {
-                    Ok(_) => {}
+                    Ok(r) => {
+                        if r.epoch > cluster.epoch()
+                            && let Err(e) = cluster.refresh(r.epoch).await
+                        {
+                            tracing::warn!(error = %e.message(), "fetching the cluster map failed");
+                        }
+                    }
                     Err(e) if e.code() == Code::NotFound => {
                         tracing::warn!("metad does not know this node; registering again");
                         interval = None;

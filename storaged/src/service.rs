@@ -2,8 +2,8 @@
 //! per-operation metrics over the [`Store`].
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -14,6 +14,7 @@ use tokio::sync::Semaphore;
 
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::cluster::Cluster;
 use crate::error::StoreError;
 use crate::metrics::Metrics;
 use crate::store::{Store, validate_id};
@@ -42,6 +43,8 @@ pub struct ChunkService {
     idle_timeout: Duration,
     ident: NodeIdent,
     draining: Arc<AtomicBool>,
+    cluster: Option<Arc<Cluster>>,
+    recovery: Arc<Mutex<pb::RecoveryInfo>>,
 }
 
 impl ChunkService {
@@ -65,7 +68,41 @@ impl ChunkService {
             idle_timeout,
             ident,
             draining,
+            cluster: None,
+            recovery: Arc::new(Mutex::new(pb::RecoveryInfo::default())),
         }
+    }
+
+    /// Checks the epoch of Puts against `cluster` and reports `recovery` in NodeInfo.
+    pub fn with_cluster(
+        mut self,
+        cluster: Arc<Cluster>,
+        recovery: Arc<Mutex<pb::RecoveryInfo>>,
+    ) -> ChunkService {
+        self.cluster = Some(cluster);
+        self.recovery = recovery;
+        self
+    }
+
+    /// Refuses a Put placed with an older map than this node's; fetches the map first when
+    /// the writer's is newer.
+    async fn check_epoch(&self, request: u64) -> Result<(), StoreError> {
+        let Some(c) = &self.cluster else {
+            return Ok(());
+        };
+        if request == 0 {
+            return Ok(());
+        }
+        let node = c.epoch();
+        if request < node {
+            self.metrics.stale_epoch.inc();
+            return Err(StoreError::StaleEpoch { request, node });
+        }
+        if request > node {
+            // Bounded: a metad that does not answer must not hold the write.
+            let _ = tokio::time::timeout(Duration::from_secs(2), c.refresh(request)).await;
+        }
+        Ok(())
     }
 
     fn record(&self, op: &str, start: Instant, code: &str) {
@@ -124,6 +161,7 @@ impl ChunkService {
             None => return Err(StoreError::InvalidArgument("empty put stream".into())),
         };
         validate_id(&header.id)?;
+        self.check_epoch(header.epoch).await?;
         let max = self.store.max_chunk_size;
         if header.length > max {
             return Err(StoreError::TooLarge {
@@ -405,6 +443,8 @@ impl ChunkStore for ChunkService {
             disks,
             max_chunk_size: self.store.max_chunk_size,
             health: health.to_string(),
+            epoch: self.cluster.as_ref().map(|c| c.epoch()).unwrap_or(0),
+            recovery: Some(*self.recovery.lock().expect("recovery info lock")),
         }))
     }
 }

@@ -16,6 +16,7 @@ pub fn put_msgs(id: &str, data: &[u8]) -> Vec<pb::PutRequest> {
             id: id.to_string(),
             length: data.len() as u64,
             expected_blake3: Bytes::new(),
+            epoch: 0,
         })),
     }];
     for part in data.chunks(1 << 20) {
