@@ -150,7 +150,10 @@ impl Recovery {
             }
         }
         let mut next = 0;
-        if let Ok(raw) = std::fs::read(&self.cursor_path)
+        // Only the first pass after a start resumes: a cursor is left only by a pass that a
+        // restart cut short.
+        if self.last_end.is_none()
+            && let Ok(raw) = std::fs::read(&self.cursor_path)
             && let Ok(c) = serde_json::from_slice::<Cursor>(&raw)
             && c.epoch == view.epoch
             && c.next <= pgs.len()
@@ -586,6 +589,7 @@ impl Recovery {
 
     fn finish_pass(&mut self) {
         let Some(p) = self.pass.take() else { return };
+        let _ = std::fs::remove_file(&self.cursor_path);
         self.last_epoch = p.view.epoch;
         self.last_end = Some(Instant::now());
         self.metrics.repair_passes.inc();

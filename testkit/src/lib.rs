@@ -588,3 +588,177 @@ impl Drop for TestDir {
         }
     }
 }
+
+/// Flags that make storage node liveness fast enough for tests (metad side).
+pub const DATA_METAD_FLAGS: &[&str] = &[
+    "--node-heartbeat-interval",
+    "200ms",
+    "--down-after",
+    "2s",
+    "--out-after",
+    "8s",
+    "--delete-grace",
+    "1s",
+];
+
+/// A whole data cluster of real processes: one metad (with a master key) and storage nodes
+/// spread over zones, each node registered, heartbeating and running recovery.
+pub struct DataCluster {
+    pub dir: PathBuf,
+    pub metad: Metad,
+    pub nodes: Vec<Storaged>,
+    /// Zone of each node (same order as `nodes`).
+    pub zones: Vec<String>,
+    /// Node id of each node.
+    pub ids: Vec<String>,
+}
+
+impl DataCluster {
+    /// Starts metad with `metad_extra` after [`DATA_METAD_FLAGS`], then `zones × per_zone`
+    /// storage nodes (`n1`… in zones `z1`…) with `storaged_extra`, and waits until metad has
+    /// every node `up`.
+    pub async fn start(
+        dir: &Path,
+        zones: usize,
+        per_zone: usize,
+        metad_extra: &[&str],
+        storaged_extra: &[&str],
+    ) -> anyhow::Result<DataCluster> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir)?;
+        let key = dir.join("master.key");
+        std::fs::write(&key, "5a".repeat(32))?;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+        let mut args: Vec<String> = vec!["--master-key-file".into(), key.display().to_string()];
+        args.extend(DATA_METAD_FLAGS.iter().map(|s| s.to_string()));
+        args.extend(metad_extra.iter().map(|s| s.to_string()));
+        let metad = Metad::start(
+            &dir.join("metad"),
+            1,
+            &format!("127.0.0.1:{}", free_port()),
+            &args,
+        )?;
+        let mut nodes = Vec::new();
+        let mut zone_of = Vec::new();
+        let mut ids = Vec::new();
+        for z in 0..zones {
+            for _ in 0..per_zone {
+                let n = nodes.len() + 1;
+                let (id, zone) = (format!("n{n}"), format!("z{}", z + 1));
+                let work = dir.join(&id);
+                let disk = work.join("disk");
+                std::fs::create_dir_all(&disk)?;
+                let mut extra: Vec<&str> = vec![
+                    "--metad",
+                    &metad.addr,
+                    "--node-id",
+                    &id,
+                    "--zone",
+                    &zone,
+                    "--recovery-interval",
+                    "2s",
+                    "--recovery-rate",
+                    "0",
+                ];
+                extra.extend_from_slice(storaged_extra);
+                nodes.push(Storaged::start(&work, &[disk], &extra)?);
+                zone_of.push(zone);
+                ids.push(id);
+            }
+        }
+        let c = DataCluster {
+            dir: dir.to_path_buf(),
+            metad,
+            nodes,
+            zones: zone_of,
+            ids,
+        };
+        let want = c.ids.clone();
+        c.wait_map(Duration::from_secs(60), "every node up", |m| {
+            want.iter().all(|id| m.nodes.iter().any(|n| &n.id == id && n.state == "up"))
+        })
+        .await?;
+        Ok(c)
+    }
+
+    /// A client of this cluster's metad.
+    pub fn metad_client(&self) -> anyhow::Result<MetadClient<Channel>> {
+        self.metad.client()
+    }
+
+    /// The cluster map, fresh.
+    pub async fn map(&self) -> anyhow::Result<sov_proto::metad::ClusterMap> {
+        let mut c = self.metad.client()?;
+        Ok(c.get_cluster_map(sov_proto::metad::GetClusterMapRequest { consistency: 0 })
+            .await?
+            .into_inner())
+    }
+
+    /// Waits until `f` holds for the cluster map.
+    pub async fn wait_map(
+        &self,
+        timeout: Duration,
+        what: &str,
+        f: impl Fn(&sov_proto::metad::ClusterMap) -> bool,
+    ) -> anyhow::Result<sov_proto::metad::ClusterMap> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(m) = self.map().await
+                && f(&m)
+            {
+                return Ok(m);
+            }
+            if Instant::now() > deadline {
+                bail!("{what}: not reached within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Creates a pool (`redundancy` as in `sov pool create`: replicated:N or ec:K+M) and a
+    /// bucket of the same name writing to it.
+    pub async fn pool_and_bucket(
+        &self,
+        name: &str,
+        redundancy: &str,
+        pg_count: u32,
+    ) -> anyhow::Result<()> {
+        use sov_proto::metad::{
+            CreateBucketRequest, CreatePoolRequest, ErasureCoded, Redundancy, Replicated,
+            redundancy::Kind,
+        };
+        let kind = match redundancy.split_once(':') {
+            Some(("replicated", n)) => Kind::Replicated(Replicated { size: n.parse()? }),
+            Some(("ec", km)) => {
+                let (k, m) = km.split_once('+').context("ec:K+M")?;
+                Kind::Ec(ErasureCoded {
+                    k: k.parse()?,
+                    m: m.parse()?,
+                })
+            }
+            _ => bail!("bad redundancy {redundancy}"),
+        };
+        let mut c = self.metad.client()?;
+        c.create_pool(CreatePoolRequest {
+            name: name.into(),
+            redundancy: Some(Redundancy { kind: Some(kind) }),
+            tier: "standard".into(),
+            pg_count,
+        })
+        .await?;
+        c.create_bucket(CreateBucketRequest {
+            name: name.into(),
+            owner: String::new(),
+            pool: name.into(),
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Indexes of the nodes in `zone`.
+    pub fn zone(&self, zone: &str) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.zones[i] == zone)
+            .collect()
+    }
+}
