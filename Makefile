@@ -35,6 +35,8 @@ bench-smoke:
 	$(TARGET_DIR)/debug/sov-bench storaged --quick
 	$(TARGET_DIR)/debug/sov-bench metad --quick --clients 1,16
 	$(TARGET_DIR)/debug/sov-bench codec --quick
+	$(TARGET_DIR)/debug/sov-bench datapath --quick
+	$(TARGET_DIR)/debug/sov-bench recovery --quick
 
 ## Installs what the tests need, then every gate: fmt, clippy, tests, promtool, bench smoke.
 test: test-deps fmt clippy unit metrics-check bench-smoke
@@ -46,6 +48,8 @@ bench: deps
 	$(TARGET_DIR)/release/sov-bench storaged
 	$(TARGET_DIR)/release/sov-bench metad
 	$(TARGET_DIR)/release/sov-bench codec
+	$(TARGET_DIR)/release/sov-bench datapath
+	$(TARGET_DIR)/release/sov-bench recovery
 
 ## metad against etcd (three members each, loopback).
 bench-metad:

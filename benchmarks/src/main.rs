@@ -2,6 +2,7 @@
 //! against a baseline measured in the same run.
 
 mod codec;
+mod datapath;
 mod metad;
 mod payload;
 mod rawdisk;
@@ -32,6 +33,11 @@ enum Command {
     /// Reed-Solomon encode and rebuild throughput of reed-solomon-simd against
     /// reed-solomon-erasure on the same shards, each rebuild checked byte for byte.
     Codec(codec::Args),
+    /// Object write and read throughput through sov-client on a local cluster (6 storaged, 3
+    /// zones) for replicated{3} and ec{4,2}, against a single-copy pool on the same cluster.
+    Datapath(datapath::Args),
+    /// Time to restore full redundancy after a node holding N GiB is lost.
+    Recovery(datapath::RecoveryArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +46,8 @@ fn main() -> ExitCode {
         Command::Storaged(args) => storaged::run(args),
         Command::Metad(args) => metad::run(args),
         Command::Codec(args) => codec::run(args),
+        Command::Datapath(args) => datapath::run(args),
+        Command::Recovery(args) => datapath::run_recovery(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

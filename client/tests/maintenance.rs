@@ -80,7 +80,9 @@ async fn flipped_bytes_never_reach_a_reader_and_scrub_heals_them() {
     let mut l = Ledger::default();
     for b in ["rep3", "ec42"] {
         for (i, len) in [1usize, 5000, 3 * MIB, 9 * MIB + 7].iter().enumerate() {
-            l.put(&c, b, &format!("obj-{i}"), *len).await.expect("write");
+            l.put(&c, b, &format!("obj-{i}"), *len)
+                .await
+                .expect("write");
         }
     }
     wait_clean(&c, Duration::from_secs(60)).await;
@@ -98,7 +100,9 @@ async fn flipped_bytes_never_reach_a_reader_and_scrub_heals_them() {
         let healed = metric_sum(&cl, "storaged_repair_chunks_total", "heal");
         let open = corrupt_total(&cl, &c).await;
         if found > 0.0 && healed > 0.0 && open == 0 {
-            println!("round 1: {flipped} bytes flipped, scrub found {found} bad chunks, recovery healed {healed}");
+            println!(
+                "round 1: {flipped} bytes flipped, scrub found {found} bad chunks, recovery healed {healed}"
+            );
             break;
         }
         assert!(
@@ -117,7 +121,9 @@ async fn flipped_bytes_never_reach_a_reader_and_scrub_heals_them() {
     let n = l.verify(&c).await;
     println!("round 2: {n} objects read back correct over flipped bytes");
     let deadline = Instant::now() + Duration::from_secs(120);
-    while corrupt_total(&cl, &c).await > 0 || metric_sum(&cl, "storaged_scrub_passes_total", "") < 12.0 {
+    while corrupt_total(&cl, &c).await > 0
+        || metric_sum(&cl, "storaged_scrub_passes_total", "") < 12.0
+    {
         assert!(Instant::now() < deadline, "corrupt chunks left");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -128,7 +134,11 @@ async fn flipped_bytes_never_reach_a_reader_and_scrub_heals_them() {
         assert!(Instant::now() < deadline, "scrub stalled");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    assert_eq!(corrupt_total(&cl, &c).await, 0, "scrub found damage left after healing");
+    assert_eq!(
+        corrupt_total(&cl, &c).await,
+        0,
+        "scrub found damage left after healing"
+    );
     wait_clean(&c, Duration::from_secs(60)).await;
     println!("checked {} acknowledged writes", l.writes);
 }
@@ -156,7 +166,9 @@ async fn holders(cl: &DataCluster, c: &sov_client::Client, ids: &[String]) -> BT
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deletes_reach_a_node_that_was_down() {
     let dir = TestDir::new("deletes");
-    let mut cl = DataCluster::start(dir.path(), 3, 2, &[], &[]).await.expect("cluster");
+    let mut cl = DataCluster::start(dir.path(), 3, 2, &[], &[])
+        .await
+        .expect("cluster");
     cl.pool_and_bucket("rep3", "replicated:3", 8).await.unwrap();
     cl.pool_and_bucket("ec42", "ec:4+2", 8).await.unwrap();
     let c = client(&cl);
@@ -198,7 +210,10 @@ async fn deletes_reach_a_node_that_was_down() {
         assert!(Instant::now() < deadline, "live nodes did not free: {t:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(holders(&cl, &c, &freed).await.is_empty(), "live nodes still hold freed data");
+    assert!(
+        holders(&cl, &c, &freed).await.is_empty(),
+        "live nodes still hold freed data"
+    );
 
     // n1 returns with the old copies, frees them, and the tombstones go.
     cl.nodes[0].restart().expect("restart n1");
@@ -220,7 +235,11 @@ async fn deletes_reach_a_node_that_was_down() {
     assert!(left.is_empty(), "freed data still stored: {left:?}");
     wait_clean(&c, Duration::from_secs(60)).await;
     let freed_metric = metric_sum(&cl, "storaged_tombstone_deletes_total", "");
-    assert!(freed_metric >= freed.len() as f64, "{freed_metric} < {}", freed.len());
+    assert!(
+        freed_metric >= freed.len() as f64,
+        "{freed_metric} < {}",
+        freed.len()
+    );
     println!(
         "{} pieces of deleted versions freed; checked {} objects",
         freed.len(),

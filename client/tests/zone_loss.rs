@@ -26,14 +26,19 @@ async fn a_zone_is_lost_and_comes_back_without_losing_a_write() {
     let mut cl = DataCluster::start(dir.path(), 3, 2, &[], &[])
         .await
         .expect("cluster");
-    cl.pool_and_bucket("rep3", "replicated:3", 16).await.unwrap();
+    cl.pool_and_bucket("rep3", "replicated:3", 16)
+        .await
+        .unwrap();
     cl.pool_and_bucket("ec42", "ec:4+2", 16).await.unwrap();
     let c = client(&cl);
     let mut l = Ledger::default();
     for b in ["rep3", "ec42"] {
         for (name, len) in SIZES {
             let r = l.put(&c, b, name, *len).await.expect("healthy write");
-            assert_eq!(r.degraded_chunks, 0, "{b}/{name} degraded on a healthy cluster");
+            assert_eq!(
+                r.degraded_chunks, 0,
+                "{b}/{name} degraded on a healthy cluster"
+            );
         }
     }
     println!("healthy: {} writes checked", l.verify(&c).await);
@@ -44,10 +49,16 @@ async fn a_zone_is_lost_and_comes_back_without_losing_a_write() {
     for i in cl.zone("z3") {
         cl.nodes[i].kill9();
     }
-    println!("zone z3 killed: {} writes read back degraded", l.verify(&c).await);
+    println!(
+        "zone z3 killed: {} writes read back degraded",
+        l.verify(&c).await
+    );
     // Replicated writes go on (2 of 3 copies, recorded degraded); erasure-coded ones cannot
     // reach min_size k+1 = 5 of 6 and fail cleanly.
-    let r = l.put(&c, "rep3", "during-1", 5 * MIB).await.expect("degraded write");
+    let r = l
+        .put(&c, "rep3", "during-1", 5 * MIB)
+        .await
+        .expect("degraded write");
     assert!(r.degraded_chunks > 0, "a write without z3 must be degraded");
     match l.put(&c, "ec42", "during-1", 5 * MIB).await {
         Err(ClientError::Unavailable(m)) => println!("ec write refused as expected: {m}"),
@@ -62,8 +73,12 @@ async fn a_zone_is_lost_and_comes_back_without_losing_a_write() {
     .await
     .unwrap();
     for b in ["rep3", "ec42"] {
-        l.put(&c, b, "after-out-1", 9 * MIB).await.expect("write after out");
-        l.put(&c, b, "after-out-small", 10).await.expect("write after out");
+        l.put(&c, b, "after-out-1", 9 * MIB)
+            .await
+            .expect("write after out");
+        l.put(&c, b, "after-out-small", 10)
+            .await
+            .expect("write after out");
     }
     let check = wait_clean(&c, Duration::from_secs(240)).await;
     println!("redundancy restored on 4 nodes:\n{check}");
@@ -80,12 +95,17 @@ async fn a_zone_is_lost_and_comes_back_without_losing_a_write() {
     })
     .await
     .unwrap();
-    l.put(&c, "ec42", "after-return", 3 * MIB).await.expect("write after return");
+    l.put(&c, "ec42", "after-return", 3 * MIB)
+        .await
+        .expect("write after return");
     let check = wait_clean(&c, Duration::from_secs(240)).await;
     println!("zone back:\n{check}");
     for p in &check.pools {
         assert_eq!(p.undersized_pgs, 0, "{p:?}");
     }
     let n = l.verify(&c).await;
-    println!("checked {n} acknowledged objects ({} acknowledged writes), none lost", l.writes);
+    println!(
+        "checked {n} acknowledged objects ({} acknowledged writes), none lost",
+        l.writes
+    );
 }

@@ -306,10 +306,7 @@ pub async fn run_repair(cmd: RepairCmd, out: Output) -> Result<(), CliError> {
         } else {
             None
         };
-        let r = info
-            .as_ref()
-            .and_then(|i| i.recovery)
-            .unwrap_or_default();
+        let r = info.as_ref().and_then(|i| i.recovery).unwrap_or_default();
         let state = format!("{:?}", n.state).to_lowercase();
         rows.push(vec![
             n.id.clone(),

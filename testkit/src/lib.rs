@@ -638,47 +638,51 @@ impl DataCluster {
             &format!("127.0.0.1:{}", free_port()),
             &args,
         )?;
-        let mut nodes = Vec::new();
-        let mut zone_of = Vec::new();
-        let mut ids = Vec::new();
-        for z in 0..zones {
-            for _ in 0..per_zone {
-                let n = nodes.len() + 1;
-                let (id, zone) = (format!("n{n}"), format!("z{}", z + 1));
-                let work = dir.join(&id);
-                let disk = work.join("disk");
-                std::fs::create_dir_all(&disk)?;
-                let mut extra: Vec<&str> = vec![
-                    "--metad",
-                    &metad.addr,
-                    "--node-id",
-                    &id,
-                    "--zone",
-                    &zone,
-                    "--recovery-interval",
-                    "2s",
-                    "--recovery-rate",
-                    "0",
-                ];
-                extra.extend_from_slice(storaged_extra);
-                nodes.push(Storaged::start(&work, &[disk], &extra)?);
-                zone_of.push(zone);
-                ids.push(id);
-            }
-        }
-        let c = DataCluster {
+        let mut c = DataCluster {
             dir: dir.to_path_buf(),
             metad,
-            nodes,
-            zones: zone_of,
-            ids,
+            nodes: Vec::new(),
+            zones: Vec::new(),
+            ids: Vec::new(),
         };
+        for z in 0..zones {
+            for _ in 0..per_zone {
+                c.add_node(&format!("z{}", z + 1), storaged_extra)?;
+            }
+        }
         let want = c.ids.clone();
         c.wait_map(Duration::from_secs(60), "every node up", |m| {
-            want.iter().all(|id| m.nodes.iter().any(|n| &n.id == id && n.state == "up"))
+            want.iter()
+                .all(|id| m.nodes.iter().any(|n| &n.id == id && n.state == "up"))
         })
         .await?;
         Ok(c)
+    }
+
+    /// Starts one more storage node (`n<count+1>`) in `zone`; returns its index. It registers
+    /// by itself; wait for it with [`DataCluster::wait_map`].
+    pub fn add_node(&mut self, zone: &str, storaged_extra: &[&str]) -> anyhow::Result<usize> {
+        let id = format!("n{}", self.nodes.len() + 1);
+        let work = self.dir.join(&id);
+        let disk = work.join("disk");
+        std::fs::create_dir_all(&disk)?;
+        let mut extra: Vec<&str> = vec![
+            "--metad",
+            &self.metad.addr,
+            "--node-id",
+            &id,
+            "--zone",
+            zone,
+            "--recovery-interval",
+            "2s",
+            "--recovery-rate",
+            "0",
+        ];
+        extra.extend_from_slice(storaged_extra);
+        self.nodes.push(Storaged::start(&work, &[disk], &extra)?);
+        self.zones.push(zone.to_string());
+        self.ids.push(id);
+        Ok(self.nodes.len() - 1)
     }
 
     /// A client of this cluster's metad.
@@ -689,9 +693,11 @@ impl DataCluster {
     /// The cluster map, fresh.
     pub async fn map(&self) -> anyhow::Result<sov_proto::metad::ClusterMap> {
         let mut c = self.metad.client()?;
-        Ok(c.get_cluster_map(sov_proto::metad::GetClusterMapRequest { consistency: 0 })
-            .await?
-            .into_inner())
+        Ok(
+            c.get_cluster_map(sov_proto::metad::GetClusterMapRequest { consistency: 0 })
+                .await?
+                .into_inner(),
+        )
     }
 
     /// Waits until `f` holds for the cluster map.

@@ -1,3 +1,4 @@
+#![allow(dead_code)] // each test binary uses a different part of these helpers
 //! Helpers of the data-path tests: deterministic payloads and a ledger of every acknowledged
 //! write, checked against what the cluster returns.
 
@@ -55,7 +56,8 @@ impl Ledger {
 
     pub async fn delete(&mut self, c: &Client, bucket: &str, key: &str) {
         c.delete_object(bucket, key).await.expect("delete");
-        self.acked.insert((bucket.to_string(), key.to_string()), None);
+        self.acked
+            .insert((bucket.to_string(), key.to_string()), None);
     }
 
     /// Reads every acknowledged object back and compares it; returns how many were checked.
@@ -75,7 +77,10 @@ impl Ledger {
                     );
                 }
                 None => {
-                    let e = c.head_object(bucket, key).await.expect_err("deleted object");
+                    let e = c
+                        .head_object(bucket, key)
+                        .await
+                        .expect_err("deleted object");
                     assert!(e.is_not_found(), "{bucket}/{key}: {e}");
                 }
             }
