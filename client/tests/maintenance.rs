@@ -14,7 +14,7 @@ use common::{Ledger, MIB, client, wait_clean};
 use rand::Rng;
 use sov_client::manifest;
 use sov_proto::metad::ListTombstonesRequest;
-use sov_testkit::{DataCluster, TestDir, http_get, metric_value};
+use sov_testkit::{DataCluster, TestDir, bin_path, http_get, metric_value};
 
 /// Flips `n` random bytes in the largest segment file under `disk`; returns how many.
 fn flip_bytes(disk: &Path, n: usize) -> usize {
@@ -245,4 +245,34 @@ async fn deletes_reach_a_node_that_was_down() {
         freed.len(),
         l.verify(&c).await
     );
+
+    // The same through the CLI: put, get back byte for byte, rm, and the audit.
+    let sov = |args: &[&str]| {
+        let out = std::process::Command::new(bin_path("sov"))
+            .args(args)
+            .args(["--metad", &cl.metad.addr])
+            .output()
+            .expect("run sov");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let src = dir.path().join("in.bin");
+    let back = dir.path().join("out.bin");
+    std::fs::write(&src, common::payload("cli", 5 * MIB + 11)).unwrap();
+    let (code, out, err) = sov(&["object", "put", "ec42", "cli/file", src.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, _, err) = sov(&["object", "get", "ec42", "cli/file", back.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(std::fs::read(&src).unwrap() == std::fs::read(&back).unwrap(), "CLI round trip differs");
+    let (code, out, _) = sov(&["object", "ls", "ec42", "--prefix", "cli/"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("cli/file"), "{out}");
+    let (code, _, err) = sov(&["object", "get", "ec42", "no/such"]);
+    assert_eq!(code, Some(4), "a missing key is exit 4: {err}");
+    let (code, out, err) = sov(&["--output", "json", "repair", "status", "--wait", "--timeout", "60"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["deep"]["clean"], true, "{out}");
+    assert_eq!(v["nodes"].as_array().map(|a| a.len()), Some(6), "{out}");
+    let (code, _, err) = sov(&["object", "rm", "ec42", "cli/file"]);
+    assert_eq!(code, Some(0), "{err}");
 }
