@@ -253,7 +253,11 @@ async fn deletes_reach_a_node_that_was_down() {
             .args(["--metad", &cl.metad.addr])
             .output()
             .expect("run sov");
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
     };
     let src = dir.path().join("in.bin");
     let back = dir.path().join("out.bin");
@@ -262,13 +266,24 @@ async fn deletes_reach_a_node_that_was_down() {
     assert_eq!(code, Some(0), "{out}{err}");
     let (code, _, err) = sov(&["object", "get", "ec42", "cli/file", back.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{err}");
-    assert!(std::fs::read(&src).unwrap() == std::fs::read(&back).unwrap(), "CLI round trip differs");
+    assert!(
+        std::fs::read(&src).unwrap() == std::fs::read(&back).unwrap(),
+        "CLI round trip differs"
+    );
     let (code, out, _) = sov(&["object", "ls", "ec42", "--prefix", "cli/"]);
     assert_eq!(code, Some(0));
     assert!(out.contains("cli/file"), "{out}");
     let (code, _, err) = sov(&["object", "get", "ec42", "no/such"]);
     assert_eq!(code, Some(4), "a missing key is exit 4: {err}");
-    let (code, out, err) = sov(&["--output", "json", "repair", "status", "--wait", "--timeout", "60"]);
+    let (code, out, err) = sov(&[
+        "--output",
+        "json",
+        "repair",
+        "status",
+        "--wait",
+        "--timeout",
+        "60",
+    ]);
     assert_eq!(code, Some(0), "{out}{err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(v["deep"]["clean"], true, "{out}");
