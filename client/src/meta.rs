@@ -164,6 +164,31 @@ impl MetaClient {
     }
 }
 
+impl MetaClient {
+    /// Every tombstone metad holds (all pages).
+    pub async fn all_tombstones(&self) -> Result<Vec<sov_proto::metad::Tombstone>, Status> {
+        let mut all = Vec::new();
+        let mut start_after = String::new();
+        loop {
+            let req = sov_proto::metad::ListTombstonesRequest {
+                start_after: start_after.clone(),
+                limit: 1000,
+            };
+            let page = self
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.list_tombstones(req).await }
+                })
+                .await?;
+            all.extend(page.tombstones);
+            if page.next_start_after.is_empty() {
+                return Ok(all);
+            }
+            start_after = page.next_start_after;
+        }
+    }
+}
+
 /// Whether a status means "try again, possibly elsewhere".
 pub fn retryable(s: &Status) -> bool {
     match s.code() {

@@ -8,7 +8,6 @@ use std::fmt;
 
 use sov_common::layout::ChunkId;
 use sov_common::placement::Redundancy;
-use sov_proto::metad::ListTombstonesRequest;
 
 use crate::error::ClientError;
 use crate::object::Client;
@@ -102,31 +101,14 @@ impl fmt::Display for Check {
 /// Every `(pool id, uid hex)` with a tombstone.
 pub async fn tombstoned(client: &Client) -> Result<HashSet<(u64, String)>, ClientError> {
     let mut out = HashSet::new();
-    let mut start_after = String::new();
-    loop {
-        let req = ListTombstonesRequest {
-            start_after: start_after.clone(),
-            limit: 1000,
-        };
-        let page = client
-            .meta()
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.list_tombstones(req).await }
-            })
-            .await?;
-        for t in &page.tombstones {
-            if let Some((pool, uid)) = t.id.split_once('/')
-                && let Ok(pool) = u64::from_str_radix(pool, 16)
-            {
-                out.insert((pool, uid.to_string()));
-            }
+    for t in client.meta().all_tombstones().await? {
+        if let Some((pool, uid)) = t.id.split_once('/')
+            && let Ok(pool) = u64::from_str_radix(pool, 16)
+        {
+            out.insert((pool, uid.to_string()));
         }
-        if page.next_start_after.is_empty() {
-            return Ok(out);
-        }
-        start_after = page.next_start_after;
     }
+    Ok(out)
 }
 
 /// Audits every PG of every pool against a fresh map.

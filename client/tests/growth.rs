@@ -6,20 +6,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Ledger, MIB, client, wait_clean};
+use common::{Ledger, MIB, client, two_pools, wait_clean};
 use sov_testkit::{DataCluster, TestDir, http_get, metric_value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_added_during_writes_takes_its_share() {
     let dir = TestDir::new("grow");
-    let mut cl = DataCluster::start(dir.path(), 3, 2, &[], &[])
-        .await
-        .expect("cluster");
-    cl.pool_and_bucket("rep3", "replicated:3", 16)
-        .await
-        .unwrap();
-    cl.pool_and_bucket("ec42", "ec:4+2", 16).await.unwrap();
-    let c = client(&cl);
+    let (mut cl, c) = two_pools(&dir, &[], 16).await;
     let mut l = Ledger::default();
     for i in 0..6 {
         l.put(&c, "rep3", &format!("pre-{i}"), MIB + i)

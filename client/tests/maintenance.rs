@@ -10,10 +10,9 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Ledger, MIB, client, wait_clean};
+use common::{Ledger, MIB, two_pools, wait_clean};
 use rand::Rng;
 use sov_client::manifest;
-use sov_proto::metad::ListTombstonesRequest;
 use sov_testkit::{DataCluster, TestDir, bin_path, http_get, metric_value};
 
 /// Flips `n` random bytes in the largest segment file under `disk`; returns how many.
@@ -65,24 +64,31 @@ async fn corrupt_total(cl: &DataCluster, c: &sov_client::Client) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flipped_bytes_never_reach_a_reader_and_scrub_heals_them() {
     let dir = TestDir::new("bitrot");
-    let cl = DataCluster::start(
-        dir.path(),
-        3,
-        2,
-        &[],
-        &["--scrub-interval", "1s", "--scrub-rate", "0"],
-    )
-    .await
-    .expect("cluster");
-    cl.pool_and_bucket("rep3", "replicated:3", 8).await.unwrap();
-    cl.pool_and_bucket("ec42", "ec:4+2", 8).await.unwrap();
-    let c = client(&cl);
+    let (cl, c) = two_pools(&dir, &["--scrub-interval", "1s", "--scrub-rate", "0"], 8).await;
     let mut l = Ledger::default();
     for b in ["rep3", "ec42"] {
         for (i, len) in [1usize, 5000, 3 * MIB, 9 * MIB + 7].iter().enumerate() {
             l.put(&c, b, &format!("obj-{i}"), *len)
                 .await
                 .expect("write");
+        }
+    }
+    // Storage nodes only ever see ciphertext: a recognisable plaintext is on no disk.
+    let marker = b"sov-plaintext-marker-7f3a";
+    let text: Vec<u8> = marker.iter().copied().cycle().take(3 * MIB).collect();
+    for b in ["rep3", "ec42"] {
+        c.put_object(b, "plain", &text[..], Default::default())
+            .await
+            .expect("write");
+    }
+    for n in &cl.nodes {
+        for seg in std::fs::read_dir(n.disks[0].join("segments")).unwrap() {
+            let bytes = std::fs::read(seg.unwrap().path()).unwrap();
+            assert!(
+                !bytes.windows(marker.len()).any(|w| w == marker),
+                "plaintext found on {}",
+                n.disks[0].display()
+            );
         }
     }
     wait_clean(&c, Duration::from_secs(60)).await;
@@ -166,12 +172,7 @@ async fn holders(cl: &DataCluster, c: &sov_client::Client, ids: &[String]) -> BT
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deletes_reach_a_node_that_was_down() {
     let dir = TestDir::new("deletes");
-    let mut cl = DataCluster::start(dir.path(), 3, 2, &[], &[])
-        .await
-        .expect("cluster");
-    cl.pool_and_bucket("rep3", "replicated:3", 8).await.unwrap();
-    cl.pool_and_bucket("ec42", "ec:4+2", 8).await.unwrap();
-    let c = client(&cl);
+    let (mut cl, c) = two_pools(&dir, &[], 8).await;
     let mut l = Ledger::default();
     for b in ["rep3", "ec42"] {
         for k in ["keep", "gone", "over"] {
@@ -194,15 +195,10 @@ async fn deletes_reach_a_node_that_was_down() {
         l.put(&c, b, "over", 1000).await.expect("overwrite");
     }
     // The live nodes free their copies; the tombstones wait for n1 alone.
-    let mut meta = cl.metad_client().unwrap();
+    let meta = c.meta().clone();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let t = meta
-            .list_tombstones(ListTombstonesRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .tombstones;
+        let t = meta.all_tombstones().await.unwrap();
         assert_eq!(t.len(), 4, "one tombstone per deleted or replaced version");
         if t.iter().all(|t| t.pending == vec!["n1".to_string()]) {
             break;
@@ -219,12 +215,7 @@ async fn deletes_reach_a_node_that_was_down() {
     cl.nodes[0].restart().expect("restart n1");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let t = meta
-            .list_tombstones(ListTombstonesRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .tombstones;
+        let t = meta.all_tombstones().await.unwrap();
         if t.is_empty() {
             break;
         }

@@ -8,9 +8,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Ledger, MIB, client, wait_clean};
+use common::{Ledger, MIB, two_pools, wait_clean};
 use sov_client::ClientError;
-use sov_testkit::{DataCluster, TestDir};
+use sov_testkit::TestDir;
 
 const SIZES: &[(&str, usize)] = &[
     ("empty", 0),
@@ -23,14 +23,7 @@ const SIZES: &[(&str, usize)] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zone_is_lost_and_comes_back_without_losing_a_write() {
     let dir = TestDir::new("zone-loss");
-    let mut cl = DataCluster::start(dir.path(), 3, 2, &[], &[])
-        .await
-        .expect("cluster");
-    cl.pool_and_bucket("rep3", "replicated:3", 16)
-        .await
-        .unwrap();
-    cl.pool_and_bucket("ec42", "ec:4+2", 16).await.unwrap();
-    let c = client(&cl);
+    let (mut cl, c) = two_pools(&dir, &[], 16).await;
     let mut l = Ledger::default();
     for b in ["rep3", "ec42"] {
         for (name, len) in SIZES {

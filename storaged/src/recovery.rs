@@ -27,7 +27,7 @@ use sov_common::layout::ChunkId;
 use sov_common::placement::Redundancy;
 use sov_common::stripe;
 use sov_common::worker::{Worker, WorkerState};
-use sov_proto::metad::{AckTombstoneRequest, ListTombstonesRequest, Tombstone};
+use sov_proto::metad::AckTombstoneRequest;
 use sov_proto::storaged as pb;
 
 use crate::cluster::Cluster;
@@ -194,27 +194,7 @@ impl Recovery {
     /// Lists tombstones; frees the due ones here and acknowledges those naming this node.
     /// Returns every tombstoned `(pool, uid)`, due or not, so the pass copies none of them.
     async fn tombstones(&self, view: &View) -> anyhow::Result<HashSet<(u64, String)>> {
-        let mut all: Vec<Tombstone> = Vec::new();
-        let mut start_after = String::new();
-        loop {
-            let req = ListTombstonesRequest {
-                start_after: start_after.clone(),
-                limit: 1000,
-            };
-            let page = self
-                .cluster
-                .meta
-                .call(|mut c| {
-                    let req = req.clone();
-                    async move { c.list_tombstones(req).await }
-                })
-                .await?;
-            all.extend(page.tombstones);
-            if page.next_start_after.is_empty() {
-                break;
-            }
-            start_after = page.next_start_after;
-        }
+        let all = self.cluster.meta.all_tombstones().await?;
         let now = unix_ms();
         let mut set = HashSet::new();
         for t in all {

@@ -21,6 +21,24 @@ pub fn payload(seed: &str, len: usize) -> Vec<u8> {
     out
 }
 
+/// metad and six storage nodes in three zones (`storaged_extra` flags on each), pools and
+/// buckets `rep3` (replicated{3}) and `ec42` (ec{4,2}) with `pgs` PGs, and a client.
+pub async fn two_pools(
+    dir: &sov_testkit::TestDir,
+    storaged_extra: &[&str],
+    pgs: u32,
+) -> (DataCluster, Client) {
+    let cl = DataCluster::start(dir.path(), 3, 2, &[], storaged_extra)
+        .await
+        .expect("cluster");
+    cl.pool_and_bucket("rep3", "replicated:3", pgs)
+        .await
+        .unwrap();
+    cl.pool_and_bucket("ec42", "ec:4+2", pgs).await.unwrap();
+    let c = client(&cl);
+    (cl, c)
+}
+
 pub fn client(c: &DataCluster) -> Client {
     Client::new(std::slice::from_ref(&c.metad.addr), ClientConfig::default()).expect("client")
 }
