@@ -19,4 +19,4 @@ pub mod object;
 pub mod pgcheck;
 
 pub use error::ClientError;
-pub use object::{Client, ClientConfig, ObjectReader, PutOptions, PutResult};
+pub use object::{Client, ClientConfig, ObjectReader, PutOptions, PutResult, Written};

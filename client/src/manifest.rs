@@ -21,6 +21,20 @@ pub fn check(m: &Manifest) -> Result<(), String> {
     if m.format != FORMAT {
         return Err(format!("manifest format {} is not supported", m.format));
     }
+    if !m.parts.is_empty() {
+        let mut total = 0u64;
+        for p in &m.parts {
+            if !p.parts.is_empty() {
+                return Err("a manifest part has parts of its own".into());
+            }
+            check(p)?;
+            total += p.size;
+        }
+        if total != m.size {
+            return Err(format!("manifest parts hold {total} bytes, the object {}", m.size));
+        }
+        return Ok(());
+    }
     if m.pg_count == 0 {
         return Err("manifest has no placement groups".into());
     }
@@ -39,6 +53,15 @@ pub fn check(m: &Manifest) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The manifests that hold data: the parts of a composite object, else the manifest itself.
+pub fn leaves(m: &Manifest) -> Vec<&Manifest> {
+    if m.parts.is_empty() {
+        vec![m]
+    } else {
+        m.parts.iter().collect()
+    }
 }
 
 /// The redundancy the object was written with.
@@ -95,6 +118,9 @@ pub fn chunk_id(m: &Manifest, i: u64) -> ChunkId {
 
 /// Every stored id of the object: each chunk, or each shard of each chunk.
 pub fn stored_ids(m: &Manifest) -> Vec<String> {
+    if !m.parts.is_empty() {
+        return m.parts.iter().flat_map(stored_ids).collect();
+    }
     let shards = match redundancy(m) {
         Ok(Redundancy::Ec { k, m }) => usize::from(k) + usize::from(m),
         _ => 0,
@@ -143,7 +169,29 @@ mod tests {
             size,
             chunk_size,
             chunk_blake3: vec![0u8; n as usize * 32].into(),
+            parts: vec![],
         }
+    }
+
+    #[test]
+    fn composite_manifests_are_their_parts() {
+        let a = sample(5 << 20, 3);
+        let b = sample(10, 0);
+        let whole = Manifest {
+            format: FORMAT,
+            size: a.size + b.size,
+            parts: vec![a.clone(), b.clone()],
+            ..Default::default()
+        };
+        check(&whole).unwrap();
+        assert_eq!(leaves(&whole).len(), 2);
+        assert_eq!(stored_ids(&whole).len(), 2 + 6);
+        let mut bad = whole.clone();
+        bad.size += 1;
+        assert!(check(&bad).is_err());
+        let mut nested = whole.clone();
+        nested.parts[0].parts = vec![b];
+        assert!(check(&nested).is_err());
     }
 
     #[test]

@@ -227,6 +227,19 @@ impl Client {
                 ))
             })?;
         let w = self.write_data(&pool, &b.data_key_id, body).await?;
+        self.commit(bucket, key, &pool, w, opts).await
+    }
+
+    /// Records written data as the current version of bucket/key; on a definite failure the
+    /// data is freed again (on `UNKNOWN` it is kept: the version may exist).
+    pub async fn commit(
+        &self,
+        bucket: &str,
+        key: &str,
+        pool: &str,
+        w: Written,
+        opts: PutOptions,
+    ) -> Result<PutResult, ClientError> {
         let object = ObjectVersion {
             bucket: bucket.to_string(),
             key: key.to_string(),
@@ -235,7 +248,7 @@ impl Client {
                 .etag
                 .clone()
                 .unwrap_or_else(|| hex::encode(&w.plain_blake3[..16])),
-            pool: pool.clone(),
+            pool: pool.to_string(),
             storage_class: opts.storage_class.clone(),
             content_type: opts.content_type.clone(),
             user_metadata: opts.user_metadata.clone(),
@@ -310,6 +323,7 @@ impl Client {
             size: 0,
             chunk_size: cs as u32,
             chunk_blake3: Bytes::new(),
+            parts: vec![],
         };
         let mut hashes = Vec::new();
         let mut plain = blake3::Hasher::new();
@@ -468,7 +482,7 @@ impl Client {
     }
 
     /// Frees the chunks of an object version that was never recorded (best effort, detached).
-    fn discard(&self, m: &Manifest) {
+    pub fn discard(&self, m: &Manifest) {
         let this = self.clone();
         let m = m.clone();
         tokio::spawn(async move {
@@ -538,7 +552,7 @@ impl Client {
         Ok((v, r))
     }
 
-    /// A reader over the data a manifest describes.
+    /// A reader over the data a manifest describes (a composite one part after part).
     pub async fn reader(
         &self,
         m: Manifest,
@@ -551,26 +565,21 @@ impl Client {
                 m.size
             )));
         }
-        let key = if m.size == 0 {
-            ChunkKey::from_bytes([0; 32])
-        } else {
-            self.data_key(&m.data_key_id).await?
-        };
-        let cs = u64::from(m.chunk_size.max(1));
-        let (first, last) = if start == end {
-            (0, 0)
-        } else {
-            (start / cs, (end - 1) / cs + 1)
-        };
+        // Each leaf manifest's share of the range, in its own offsets.
+        let mut segs = std::collections::VecDeque::new();
+        let mut at = 0u64;
+        for leaf in manifest::leaves(&m) {
+            let (lo, hi) = (at, at + leaf.size);
+            at = hi;
+            let (s, e) = (start.max(lo), end.min(hi));
+            if s < e {
+                segs.push_back((leaf.clone(), s - lo, e - lo));
+            }
+        }
         Ok(ObjectReader {
             client: self.clone(),
-            m: Arc::new(m),
-            key,
-            next: first,
-            last,
-            start,
-            end,
-            ahead: FuturesOrdered::new(),
+            segs,
+            cur: None,
         })
     }
 
@@ -941,6 +950,13 @@ fn pieces_of(
 /// Streams an object's bytes chunk by chunk, reading a few chunks ahead.
 pub struct ObjectReader {
     client: Client,
+    /// Leaf manifests still to read, with the range to read of each.
+    segs: std::collections::VecDeque<(Manifest, u64, u64)>,
+    cur: Option<Segment>,
+}
+
+/// The leaf manifest being read.
+struct Segment {
     m: Arc<Manifest>,
     key: ChunkKey,
     next: u64,
@@ -951,21 +967,40 @@ pub struct ObjectReader {
 }
 
 impl ObjectReader {
-    /// The manifest being read.
-    pub fn manifest(&self) -> &Manifest {
-        &self.m
-    }
-
     /// The next piece of the requested range, or `None` at its end.
     pub async fn next_chunk(&mut self) -> Option<Result<Bytes, ClientError>> {
-        let depth = self.client.inner.cfg.inflight_chunks.clamp(1, 4);
+        loop {
+            if self.cur.is_none() {
+                let (m, start, end) = self.segs.pop_front()?;
+                let key = match self.client.data_key(&m.data_key_id).await {
+                    Ok(k) => k,
+                    Err(e) => return Some(Err(e)),
+                };
+                let cs = u64::from(m.chunk_size.max(1));
+                self.cur = Some(Segment {
+                    m: Arc::new(m),
+                    key,
+                    next: start / cs,
+                    last: (end - 1) / cs + 1,
+                    start,
+                    end,
+                    ahead: FuturesOrdered::new(),
+                });
+            }
+            let seg = self.cur.as_mut().expect("just set");
+            if let Some(r) = seg.next_chunk(&self.client).await {
+                return Some(r);
+            }
+            self.cur = None;
+        }
+    }
+}
+
+impl Segment {
+    async fn next_chunk(&mut self, client: &Client) -> Option<Result<Bytes, ClientError>> {
+        let depth = client.inner.cfg.inflight_chunks.clamp(1, 4);
         while self.ahead.len() < depth && self.next < self.last {
-            let (c, m, k, i) = (
-                self.client.clone(),
-                self.m.clone(),
-                self.key.clone(),
-                self.next,
-            );
+            let (c, m, k, i) = (client.clone(), self.m.clone(), self.key.clone(), self.next);
             self.ahead.push_back(Box::pin(async move {
                 c.read_chunk(m, i, k).await.map(|b| (i, b))
             }));

@@ -63,6 +63,8 @@ pub struct NodesConfig {
     /// How long the data of a deleted or replaced object version stays on the storage nodes
     /// before they free it (reads that began before the delete finish meanwhile).
     pub delete_grace: HumanDuration,
+    /// Multipart uploads not completed or aborted within this are aborted (their parts freed).
+    pub upload_expiry: HumanDuration,
 }
 
 impl Default for NodesConfig {
@@ -72,6 +74,7 @@ impl Default for NodesConfig {
             down_after: d(10_000),
             out_after: d(600_000),
             delete_grace: d(60_000),
+            upload_expiry: d(7 * 24 * 3600 * 1000),
         }
     }
 }

@@ -14,6 +14,7 @@ pub use sov_client::meta as client;
 pub mod config;
 pub mod core;
 pub mod metrics;
+pub mod multipart;
 pub mod network;
 pub mod service;
 pub mod store;
@@ -235,6 +236,7 @@ async fn background(core: Arc<Core>, mut sd: Shutdown) {
     for s in ["up", "down", "out"] {
         core.metrics.nodes.with_label_values(&[s]);
     }
+    let mut last_expiry = std::time::Instant::now();
     loop {
         {
             let m = core.raft.metrics();
@@ -264,6 +266,16 @@ async fn background(core: Arc<Core>, mut sd: Shutdown) {
         }
         if let Err(e) = service::liveness_pass(&core).await {
             tracing::warn!(error = %e.message(), "liveness pass");
+        }
+        if last_expiry.elapsed() >= Duration::from_secs(60) {
+            last_expiry = std::time::Instant::now();
+            if core.raft.metrics().borrow().state == openraft::ServerState::Leader {
+                let svc = service::MetadService { core: core.clone() };
+                let max_age = core.cfg.nodes.upload_expiry.0.as_millis() as u64;
+                if let Err(e) = svc.expire_uploads(max_age).await {
+                    tracing::warn!(error = %e.message(), "expiring incomplete uploads");
+                }
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}

@@ -26,7 +26,7 @@ pub const FORWARDED: &str = "x-sov-forwarded";
 /// Response header naming the leader's address, as the answering member knows it.
 pub const LEADER_HINT: &str = "x-sov-leader";
 /// Times a read-modify-write retries after losing a compare-and-set race.
-const RMW_TRIES: usize = 16;
+pub(crate) const RMW_TRIES: usize = 16;
 
 pub struct MetadService {
     pub core: Arc<Core>,
@@ -43,11 +43,11 @@ fn forward_request<T>(inner: T) -> Request<T> {
     r
 }
 
-fn internal(what: &str, e: impl std::fmt::Display) -> Status {
+pub(crate) fn internal(what: &str, e: impl std::fmt::Display) -> Status {
     Status::internal(format!("{what}: {e}"))
 }
 
-fn decode<T: Message + Default>(what: &str, raw: &[u8]) -> Result<T, Status> {
+pub(crate) fn decode<T: Message + Default>(what: &str, raw: &[u8]) -> Result<T, Status> {
     T::decode(raw).map_err(|e| internal(&format!("unreadable {what} record"), e))
 }
 
@@ -133,14 +133,14 @@ impl MetadService {
         }
     }
 
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Status> {
+    pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Status> {
         self.core
             .sm
             .get(key)
             .map_err(|e| internal("reading the state machine", e))
     }
 
-    fn scan(&self, prefix: &[u8]) -> Result<crate::store::Pairs, Status> {
+    pub(crate) fn scan(&self, prefix: &[u8]) -> Result<crate::store::Pairs, Status> {
         self.core
             .sm
             .scan(prefix, b"", usize::MAX)
@@ -149,7 +149,7 @@ impl MetadService {
 
     /// Proposes one transaction; `Ok(None)` if it applied, else the failed check's index and
     /// the value found.
-    async fn txn(
+    pub(crate) async fn txn(
         &self,
         checks: Vec<(Vec<u8>, Check)>,
         ops: Vec<Op>,
@@ -212,7 +212,7 @@ impl MetadService {
         })
     }
 
-    fn bucket_exists(&self, name: &str) -> Result<bool, Status> {
+    pub(crate) fn bucket_exists(&self, name: &str) -> Result<bool, Status> {
         Ok(self.get(&tables::bucket_key(name))?.is_some())
     }
 
@@ -316,7 +316,7 @@ fn random_string(len: usize, alphabet: &[u8]) -> String {
         .collect()
 }
 
-fn version_id() -> String {
+pub(crate) fn version_id() -> String {
     let suffix: String = rand::thread_rng()
         .sample_iter(&Alphanumeric)
         .take(10)
@@ -733,6 +733,7 @@ impl Metad for MetadService {
                     created_unix_ms: unix_ms(),
                     pool: r.pool.clone(),
                     data_key_id: data_key.as_ref().map(|k| k.0.clone()).unwrap_or_default(),
+                    ..Default::default()
                 };
                 let mut checks = vec![(tables::bucket_key(&r.name), Check::Absent)];
                 if !r.pool.is_empty() {
@@ -907,10 +908,8 @@ impl Metad for MetadService {
                     key: key.clone(),
                     value: value.clone(),
                 }];
-                if let Some(old) = &replaced
-                    && let Some(t) = self.tombstone_op(old)?
-                {
-                    ops.push(t);
+                if let Some(old) = &replaced {
+                    ops.extend(self.tombstones(&old.manifest)?);
                 }
                 let failed = self
                     .txn(
@@ -1009,9 +1008,7 @@ impl Metad for MetadService {
                         }
                     }
                     let mut ops = vec![Op::Delete { key: key.clone() }];
-                    if let Some(t) = self.tombstone_op(&deleted)? {
-                        ops.push(t);
-                    }
+                    ops.extend(self.tombstones(&deleted.manifest)?);
                     let failed = self
                         .txn(vec![(key.clone(), Check::Equals(cur))], ops)
                         .await?;
@@ -1091,21 +1088,51 @@ impl Metad for MetadService {
             create_access_key,
             local_ok = false,
             {
-                let name = req.into_inner().name;
+                let r = req.into_inner();
+                let name = r.name;
                 if name.len() > 128 {
                     return Err(Status::invalid_argument(
                         "key name is longer than 128 bytes",
                     ));
                 }
                 let master = self.core.master()?;
-                let id = format!(
-                    "SOV{}",
-                    random_string(17, b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
-                );
-                let secret = random_string(
-                    40,
-                    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",
-                );
+                let (id, secret) = match (r.access_key_id.is_empty(), r.secret_access_key.is_empty()) {
+                    (true, true) => (
+                        format!(
+                            "SOV{}",
+                            random_string(17, b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+                        ),
+                        random_string(
+                            40,
+                            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",
+                        ),
+                    ),
+                    (false, false) => {
+                        let id = r.access_key_id;
+                        if !(16..=128).contains(&id.len())
+                            || !id.bytes().all(|b| b.is_ascii_alphanumeric())
+                        {
+                            return Err(Status::invalid_argument(
+                                "an access key id is 16 to 128 letters and digits",
+                            ));
+                        }
+                        let secret = r.secret_access_key;
+                        if !(8..=128).contains(&secret.len())
+                            || !secret.bytes().all(|b| b.is_ascii_graphic())
+                        {
+                            return Err(Status::invalid_argument(
+                                "a secret is 8 to 128 printable ASCII characters without spaces",
+                            ));
+                        }
+                        (id, secret)
+                    }
+                    _ => {
+                        return Err(Status::invalid_argument(
+                            "give both access_key_id and secret_access_key, or neither",
+                        ));
+                    }
+                };
+                let admin = r.admin;
                 let sealed = codec::seal(master, &access_key_aad(&id), secret.as_bytes());
                 let (sealed_secret, sealed_blake3) = sealed_parts(&sealed);
                 let created = unix_ms();
@@ -1116,6 +1143,7 @@ impl Metad for MetadService {
                     created_unix_ms: created,
                     sealed_secret,
                     sealed_blake3,
+                    admin,
                 };
                 let value = serde_json::to_vec(&rec).map_err(|e| internal("encode", e))?;
                 let failed = self
@@ -1128,13 +1156,16 @@ impl Metad for MetadService {
                     )
                     .await?;
                 if failed.is_some() {
-                    return Err(Status::aborted("access key id collision; retry"));
+                    return Err(Status::already_exists(format!(
+                        "access key {id} already exists"
+                    )));
                 }
                 Ok(AccessKeySecret {
                     key: Some(AccessKey {
                         access_key_id: id,
                         name,
                         created_unix_ms: created,
+                        admin,
                     }),
                     secret_access_key: secret,
                 })
@@ -1176,6 +1207,7 @@ impl Metad for MetadService {
                         access_key_id: rec.access_key_id,
                         name: rec.name,
                         created_unix_ms: rec.created_unix_ms,
+                        admin: rec.admin,
                     }),
                     secret_access_key: String::from_utf8(secret)
                         .map_err(|e| internal("secret is not UTF-8", e))?,
@@ -1204,6 +1236,7 @@ impl Metad for MetadService {
                         access_key_id: rec.access_key_id,
                         name: rec.name,
                         created_unix_ms: rec.created_unix_ms,
+                        admin: rec.admin,
                     });
                 }
                 Ok(ListAccessKeysResponse { keys })
@@ -1300,6 +1333,127 @@ impl Metad for MetadService {
                 purpose: rec.purpose,
                 created_unix_ms: rec.created_unix_ms,
             })
+        })
+    }
+
+    async fn set_bucket_access(
+        &self,
+        req: Request<SetBucketAccessRequest>,
+    ) -> Result<Response<Bucket>, Status> {
+        handle!(
+            self,
+            req,
+            "SetBucketAccess",
+            set_bucket_access,
+            local_ok = false,
+            {
+                let r = req.into_inner();
+                tables::validate_bucket_name(&r.bucket).map_err(Status::invalid_argument)?;
+                if !matches!(r.permission.as_str(), "" | "read" | "write" | "owner") {
+                    return Err(Status::invalid_argument(
+                        "permission must be read, write, owner or empty (revoke)",
+                    ));
+                }
+                let key = tables::bucket_key(&r.bucket);
+                for _ in 0..RMW_TRIES {
+                    let Some(cur) = self.get(&key)? else {
+                        self.core.linearize().await?;
+                        if self.get(&key)?.is_some() {
+                            continue;
+                        }
+                        return Err(Self::no_such_bucket(&r.bucket));
+                    };
+                    let mut b: Bucket = decode("bucket", &cur)?;
+                    if !r.access_key_id.is_empty() {
+                        b.grants.retain(|g| g.access_key_id != r.access_key_id);
+                        if !r.permission.is_empty() {
+                            b.grants.push(Grant {
+                                access_key_id: r.access_key_id.clone(),
+                                permission: r.permission.clone(),
+                            });
+                        }
+                    }
+                    if let Some(p) = r.public_read {
+                        b.public_read = p;
+                    }
+                    if self
+                        .txn(
+                            vec![(key.clone(), Check::Equals(cur))],
+                            vec![Op::Put {
+                                key: key.clone(),
+                                value: b.encode_to_vec(),
+                            }],
+                        )
+                        .await?
+                        .is_none()
+                    {
+                        return Ok(b);
+                    }
+                }
+                Err(Status::aborted("bucket kept changing; retry"))
+            }
+        )
+    }
+
+    async fn create_upload(
+        &self,
+        req: Request<CreateUploadRequest>,
+    ) -> Result<Response<Upload>, Status> {
+        handle!(self, req, "CreateUpload", create_upload, local_ok = false, {
+            MetadService::create_upload(self, req.into_inner()).await
+        })
+    }
+
+    async fn get_upload(&self, req: Request<GetUploadRequest>) -> Result<Response<Upload>, Status> {
+        handle!(self, req, "GetUpload", get_upload, local_ok = false, {
+            MetadService::get_upload(self, req.into_inner()).await
+        })
+    }
+
+    async fn put_part(
+        &self,
+        req: Request<PutPartRequest>,
+    ) -> Result<Response<PutPartResponse>, Status> {
+        handle!(self, req, "PutPart", put_part, local_ok = false, {
+            MetadService::put_part(self, req.into_inner()).await
+        })
+    }
+
+    async fn list_parts(
+        &self,
+        req: Request<ListPartsRequest>,
+    ) -> Result<Response<ListPartsResponse>, Status> {
+        handle!(self, req, "ListParts", list_parts, local_ok = false, {
+            MetadService::list_parts(self, req.into_inner()).await
+        })
+    }
+
+    async fn list_uploads(
+        &self,
+        req: Request<ListUploadsRequest>,
+    ) -> Result<Response<ListUploadsResponse>, Status> {
+        handle!(self, req, "ListUploads", list_uploads, local_ok = false, {
+            MetadService::list_uploads(self, req.into_inner()).await
+        })
+    }
+
+    async fn complete_upload(
+        &self,
+        req: Request<CompleteUploadRequest>,
+    ) -> Result<Response<PutObjectResponse>, Status> {
+        handle!(self, req, "CompleteUpload", complete_upload, local_ok = false, {
+            MetadService::complete_upload(self, req.into_inner()).await
+        })
+    }
+
+    async fn abort_upload(
+        &self,
+        req: Request<AbortUploadRequest>,
+    ) -> Result<Response<AbortUploadResponse>, Status> {
+        handle!(self, req, "AbortUpload", abort_upload, local_ok = false, {
+            MetadService::abort_upload(self, req.into_inner())
+                .await
+                .map(|()| AbortUploadResponse {})
         })
     }
 
@@ -1414,40 +1568,45 @@ impl MetadService {
         Ok((id, key, value))
     }
 
-    /// The tombstone that frees an old version's data on every storage node, as an operation
-    /// for the transaction that deletes or replaces the version. None when it has no data or
-    /// its manifest is not one this build writes (then there is nothing it could free).
-    fn tombstone_op(&self, old: &ObjectVersion) -> Result<Option<Op>, Status> {
-        let m = match sov_client::manifest::decode(&old.manifest) {
+    /// The tombstones that free a replaced or deleted version's data on every storage node
+    /// (one per leaf manifest with data), as operations for the transaction that drops the
+    /// version. None when the manifest is not one this build writes (then there is nothing it
+    /// could free).
+    pub(crate) fn tombstones(&self, manifest: &[u8]) -> Result<Vec<Op>, Status> {
+        let m = match sov_client::manifest::decode(manifest) {
             Ok(m) => m,
             Err(e) => {
-                if !old.manifest.is_empty() {
-                    tracing::warn!(bucket = %old.bucket, key = %old.key, error = %e, "replaced version has no usable manifest; its data is not tombstoned");
+                if !manifest.is_empty() {
+                    tracing::warn!(error = %e, "a dropped version has no usable manifest; its data is not tombstoned");
                 }
-                return Ok(None);
+                return Ok(Vec::new());
             }
         };
-        if sov_client::manifest::chunk_count(&m) == 0 {
-            return Ok(None);
-        }
-        let id = tomb_id(m.pool_id, &m.uid);
         let mut pending = Vec::new();
         for (_, v) in self.scan(tables::NODE_PREFIX)? {
             let n: Node = decode("node", &v)?;
             pending.push(n.id);
         }
         let now = unix_ms();
-        let t = Tombstone {
-            id: id.clone(),
-            manifest: old.manifest.clone(),
-            not_before_unix_ms: now + self.core.cfg.nodes.delete_grace.0.as_millis() as u64,
-            pending,
-            created_unix_ms: now,
-        };
-        Ok(Some(Op::Put {
-            key: tables::tomb_key(&id),
-            value: t.encode_to_vec(),
-        }))
+        let mut ops = Vec::new();
+        for leaf in sov_client::manifest::leaves(&m) {
+            if sov_client::manifest::chunk_count(leaf) == 0 {
+                continue;
+            }
+            let id = tomb_id(leaf.pool_id, &leaf.uid);
+            let t = Tombstone {
+                id: id.clone(),
+                manifest: leaf.encode_to_vec().into(),
+                not_before_unix_ms: now + self.core.cfg.nodes.delete_grace.0.as_millis() as u64,
+                pending: pending.clone(),
+                created_unix_ms: now,
+            };
+            ops.push(Op::Put {
+                key: tables::tomb_key(&id),
+                value: t.encode_to_vec(),
+            });
+        }
+        Ok(ops)
     }
 
     /// Writes a node record built by `make` from the current one, bumping the epoch if it

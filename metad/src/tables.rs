@@ -21,6 +21,8 @@ pub const BUCKET_PREFIX: &[u8] = b"bucket/";
 pub const AKEY_PREFIX: &[u8] = b"akey/";
 pub const DKEY_PREFIX: &[u8] = b"dkey/";
 pub const TOMB_PREFIX: &[u8] = b"tomb/";
+pub const UPLOAD_PREFIX: &[u8] = b"upl/";
+pub const PART_PREFIX: &[u8] = b"part/";
 
 /// S3's limit on object key length, in bytes.
 pub const MAX_KEY_LEN: usize = 1024;
@@ -48,6 +50,25 @@ pub fn bucket_key(name: &str) -> Vec<u8> {
 pub fn akey_key(id: &str) -> Vec<u8> {
     key(AKEY_PREFIX, id)
 }
+/// `upl/<bucket>/<key>\0<upload id>`: uploads of a bucket sort by key, then by upload id
+/// (which starts with the creation time). Keys hold no NUL.
+pub fn upload_key(bucket: &str, key: &str, id: &str) -> Vec<u8> {
+    [UPLOAD_PREFIX, bucket.as_bytes(), b"/", key.as_bytes(), b"\0", id.as_bytes()].concat()
+}
+
+pub fn uploads_prefix(bucket: &str) -> Vec<u8> {
+    [UPLOAD_PREFIX, bucket.as_bytes(), b"/"].concat()
+}
+
+/// `part/<upload id>/<part number, 5 digits>`.
+pub fn part_key(upload: &str, n: u32) -> Vec<u8> {
+    [PART_PREFIX, format!("{upload}/{n:05}").as_bytes()].concat()
+}
+
+pub fn parts_prefix(upload: &str) -> Vec<u8> {
+    [PART_PREFIX, upload.as_bytes(), b"/"].concat()
+}
+
 pub fn tomb_key(id: &str) -> Vec<u8> {
     [TOMB_PREFIX, id.as_bytes()].concat()
 }
@@ -134,6 +155,9 @@ pub fn validate_object_key(key: &str) -> Result<(), String> {
             "object key is {} bytes, the limit is {MAX_KEY_LEN}",
             key.len()
         ));
+    }
+    if key.contains('\0') {
+        return Err("object key must not contain NUL".into());
     }
     Ok(())
 }
@@ -279,6 +303,9 @@ pub struct AccessKeyRecord {
     pub sealed_secret: String,
     /// blake3 of the sealed bytes, hex.
     pub sealed_blake3: String,
+    /// May do anything to any bucket.
+    #[serde(default)]
+    pub admin: bool,
 }
 
 /// A data key as stored: wrapped (sealed) under the master key, bound to its id.

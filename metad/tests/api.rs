@@ -319,7 +319,10 @@ async fn tables_and_bad_input() {
 
     // Access keys: the secret comes back; it is not stored in the clear.
     let k = c
-        .create_access_key(CreateAccessKeyRequest { name: "ci".into() })
+        .create_access_key(CreateAccessKeyRequest {
+            name: "ci".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -493,7 +496,10 @@ async fn keys_need_a_private_master_key() {
     let m = single(dir.path(), &[]);
     let mut c = ready_client(&m).await;
     let (code_, msg) = code(
-        c.create_access_key(CreateAccessKeyRequest { name: "x".into() })
+        c.create_access_key(CreateAccessKeyRequest {
+            name: "x".into(),
+            ..Default::default()
+        })
             .await,
     );
     assert_eq!(code_, Code::FailedPrecondition);

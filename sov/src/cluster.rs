@@ -145,7 +145,7 @@ impl Tier {
 }
 
 /// Parses `replicated:N` or `ec:K+M`; every count must be at least 1.
-fn parse_redundancy(s: &str) -> Result<pb::Redundancy, String> {
+pub(crate) fn parse_redundancy(s: &str) -> Result<pb::Redundancy, String> {
     const FORMS: &str = "expected replicated:N (e.g. replicated:3) or ec:K+M (e.g. ec:4+2)";
     let count = |what: &str, v: &str| -> Result<u32, String> {
         match v.trim().parse::<u32>() {

@@ -59,6 +59,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: object::BucketCmd,
     },
+    /// S3 access keys: create, list, delete.
+    Key {
+        #[command(subcommand)]
+        cmd: object::KeyCmd,
+    },
     /// Objects through the data path: put, get, rm, ls.
     Object {
         #[command(subcommand)]
@@ -127,6 +132,7 @@ fn main() -> ExitCode {
             Cmd::Metad { cmd } => cluster::run_metad(cmd, out).await,
             Cmd::Bucket { cmd } => object::run_bucket(cmd, out).await,
             Cmd::Object { cmd } => object::run_object(cmd, out).await,
+            Cmd::Key { cmd } => object::run_key(cmd, out).await,
             Cmd::Repair { cmd } => object::run_repair(cmd, out).await,
             Cmd::Debug { cmd } => match cmd {
                 DebugCmd::Chunk { cmd } => chunk::run(cmd, out).await,

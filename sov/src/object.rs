@@ -37,6 +37,46 @@ pub enum BucketCmd {
         metad: MetadArgs,
         name: String,
     },
+    /// Give an access key read, write or owner permission on a bucket ("none" revokes).
+    Grant {
+        #[command(flatten)]
+        metad: MetadArgs,
+        bucket: String,
+        access_key: String,
+        #[arg(value_parser = ["read", "write", "owner", "none"])]
+        permission: String,
+    },
+    /// Let anyone read the bucket without credentials (on), or stop it (off).
+    Public {
+        #[command(flatten)]
+        metad: MetadArgs,
+        bucket: String,
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCmd {
+    /// Create an access key; the secret is printed once.
+    Create {
+        #[command(flatten)]
+        metad: MetadArgs,
+        /// A name to recognise the key by.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// May do anything to any bucket.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// List access keys (never their secrets).
+    List(MetadArgs),
+    /// Delete an access key.
+    Delete {
+        #[command(flatten)]
+        metad: MetadArgs,
+        access_key: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -167,6 +207,134 @@ pub async fn run_bucket(cmd: BucketCmd, out: Output) -> Result<(), CliError> {
                 json!({"deleted": name}),
                 format!("deleted bucket {name}"),
             );
+        }
+        BucketCmd::Grant {
+            metad,
+            bucket,
+            access_key,
+            permission,
+        } => {
+            let perm = if permission == "none" { String::new() } else { permission };
+            let req = pb::SetBucketAccessRequest {
+                bucket,
+                access_key_id: access_key,
+                permission: perm,
+                public_read: None,
+            };
+            let b = set_access(&metad, req).await?;
+            print_access(out, &b);
+        }
+        BucketCmd::Public {
+            metad,
+            bucket,
+            state,
+        } => {
+            let req = pb::SetBucketAccessRequest {
+                bucket,
+                public_read: Some(state == "on"),
+                ..Default::default()
+            };
+            let b = set_access(&metad, req).await?;
+            print_access(out, &b);
+        }
+    }
+    Ok(())
+}
+
+async fn set_access(m: &MetadArgs, req: pb::SetBucketAccessRequest) -> Result<pb::Bucket, CliError> {
+    m.client()?
+        .call(|mut c| {
+            let req = req.clone();
+            async move { c.set_bucket_access(req).await }
+        })
+        .await
+        .map_err(status_err)
+}
+
+fn print_access(out: Output, b: &pb::Bucket) {
+    let grants: Vec<Vec<String>> = b
+        .grants
+        .iter()
+        .map(|g| vec![g.access_key_id.clone(), g.permission.clone()])
+        .collect();
+    print(
+        out,
+        json!({"bucket": b.name, "owner": b.owner, "public_read": b.public_read,
+               "grants": b.grants.iter().map(|g| json!({"access_key": g.access_key_id, "permission": g.permission})).collect::<Vec<_>>()}),
+        format!(
+            "bucket {} (owner {:?}, public read {})\n{}",
+            b.name,
+            b.owner,
+            if b.public_read { "on" } else { "off" },
+            table(&["ACCESS KEY", "PERMISSION"], &grants)
+        ),
+    );
+}
+
+pub async fn run_key(cmd: KeyCmd, out: Output) -> Result<(), CliError> {
+    match cmd {
+        KeyCmd::Create { metad, name, admin } => {
+            let req = pb::CreateAccessKeyRequest {
+                name,
+                admin,
+                ..Default::default()
+            };
+            let k = metad
+                .client()?
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.create_access_key(req).await }
+                })
+                .await
+                .map_err(status_err)?;
+            let id = k.key.as_ref().map(|k| k.access_key_id.clone()).unwrap_or_default();
+            print(
+                out,
+                json!({"access_key": id, "secret_key": k.secret_access_key, "admin": admin}),
+                format!(
+                    "access key: {id}\nsecret key: {}\n(the secret is not shown again)",
+                    k.secret_access_key
+                ),
+            );
+        }
+        KeyCmd::List(a) => {
+            let r = a
+                .client()?
+                .call(|mut c| async move {
+                    c.list_access_keys(pb::ListAccessKeysRequest {}).await
+                })
+                .await
+                .map_err(status_err)?;
+            let rows: Vec<Vec<String>> = r
+                .keys
+                .iter()
+                .map(|k| {
+                    vec![
+                        k.access_key_id.clone(),
+                        k.name.clone(),
+                        if k.admin { "admin" } else { "" }.to_string(),
+                    ]
+                })
+                .collect();
+            print(
+                out,
+                json!({"keys": r.keys.iter().map(|k| json!({"access_key": k.access_key_id, "name": k.name, "admin": k.admin, "created_unix_ms": k.created_unix_ms})).collect::<Vec<_>>()}),
+                table(&["ACCESS KEY", "NAME", "ROLE"], &rows),
+            );
+        }
+        KeyCmd::Delete { metad, access_key } => {
+            let req = pb::DeleteAccessKeyRequest {
+                access_key_id: access_key.clone(),
+            };
+            metad
+                .client()?
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.delete_access_key(req).await }
+                })
+                .await
+                .map_err(status_err)?;
+            print(out, json!({"deleted": access_key}), format!("deleted access key {access_key}"));
         }
     }
     Ok(())

@@ -33,6 +33,15 @@ pub struct UpArgs {
     /// First /metrics port; node i serves on base + i - 1.
     #[arg(long, default_value_t = 9100)]
     metrics_base_port: u16,
+    /// metad members: 1 or 3 (ports metad-port, +1, +2).
+    #[arg(long = "metad", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=3))]
+    metad_members: u32,
+    /// The S3 endpoint's port.
+    #[arg(long, default_value_t = 9000)]
+    s3_port: u16,
+    /// The gateway's /metrics port.
+    #[arg(long, default_value_t = 9300)]
+    gateway_metrics_port: u16,
 }
 
 struct Node {
@@ -91,15 +100,23 @@ fn stop_all(nodes: &mut [Node]) {
     }
 }
 
-/// Starts one daemon with its log and ready file in `dir`, and waits until it serves.
-async fn start_daemon(
+/// A started daemon not yet known to serve.
+struct Pending {
+    index: usize,
+    name: String,
+    ready: PathBuf,
+    log: PathBuf,
+}
+
+/// Starts one daemon with its log and ready file in `dir`.
+fn spawn_daemon(
     nodes: &mut Vec<Node>,
     binary: &std::path::Path,
     (name, zone): (&str, &str),
     dir: &std::path::Path,
     (listen, metrics): (&str, &str),
     args: &[String],
-) -> Result<(), CliError> {
+) -> Result<Pending, CliError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| CliError::new(1, format!("cannot create {}: {e}", dir.display())))?;
     let ready = dir.join("ready.json");
@@ -127,27 +144,177 @@ async fn start_daemon(
         listen: listen.to_string(),
         metrics: metrics.to_string(),
     });
+    Ok(Pending {
+        index: nodes.len() - 1,
+        name: name.to_string(),
+        ready,
+        log: log_path,
+    })
+}
+
+/// Waits until a started daemon serves; stops everything if it dies or takes over 60 s.
+async fn wait_ready(nodes: &mut Vec<Node>, p: Pending) -> Result<(), CliError> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if ready.exists() {
+        if p.ready.exists() {
             return Ok(());
         }
-        let n = nodes.last_mut().expect("just pushed");
-        if let Ok(Some(s)) = n.child.try_wait() {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            nodes.pop();
+        if let Ok(Some(s)) = nodes[p.index].child.try_wait() {
+            let log = std::fs::read_to_string(&p.log).unwrap_or_default();
             stop_all(nodes);
             return Err(CliError::new(
                 1,
-                format!("{name} exited ({s}):\n{}", log.trim_end()),
+                format!("{} exited ({s}):\n{}", p.name, log.trim_end()),
             ));
         }
         if Instant::now() > deadline {
             stop_all(nodes);
-            return Err(CliError::new(1, format!("{name} did not start within 60s")));
+            return Err(CliError::new(
+                1,
+                format!("{} did not start within 60s", p.name),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Starts one daemon and waits until it serves.
+async fn start_daemon(
+    nodes: &mut Vec<Node>,
+    binary: &std::path::Path,
+    who: (&str, &str),
+    dir: &std::path::Path,
+    addrs: (&str, &str),
+    args: &[String],
+) -> Result<(), CliError> {
+    let p = spawn_daemon(nodes, binary, who, dir, addrs, args)?;
+    wait_ready(nodes, p).await
+}
+
+/// Writes a file readable by its owner only (it holds credentials).
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<(), CliError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| CliError::new(1, format!("cannot create {}: {e}", tmp.display())))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| CliError::new(1, format!("cannot write {}: {e}", path.display())))
+}
+
+/// Erasure-coded profile for `n` storage nodes: 4+2 from six nodes, 2+1 from three, else
+/// as many copies as there are nodes.
+fn ec_profile(n: u32) -> String {
+    match n {
+        6.. => "ec:4+2".into(),
+        3..=5 => "ec:2+1".into(),
+        n => format!("replicated:{n}"),
+    }
+}
+
+/// After the storage nodes registered: the storage-class pools and the root key. Returns the
+/// root key (from the environment, from an earlier start, or made now).
+async fn setup(a: &UpArgs, data: &std::path::Path, metad: &str) -> Result<(String, String), CliError> {
+    use sov_client::meta::{MetaClient, parse_addrs};
+    use sov_proto::metad as pb;
+    let mc = MetaClient::new(&parse_addrs(metad))
+        .map_err(|e| CliError::new(1, e.message().to_string()))?
+        .with_retry_for(Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = mc
+            .call(|mut c| async move {
+                c.get_cluster_map(pb::GetClusterMapRequest { consistency: 0 }).await
+            })
+            .await
+            .map_err(|e| CliError::new(1, e.message().to_string()))?;
+        if m.nodes.iter().filter(|n| n.state == "up").count() >= a.storage_nodes as usize {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(CliError::new(1, "storage nodes did not register within 60s"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let n = a.storage_nodes;
+    for (name, redundancy, tier) in [
+        ("standard", format!("replicated:{}", n.min(3)), "performance"),
+        ("standard-ia", ec_profile(n), "standard"),
+        ("archive", ec_profile(n), "archive"),
+    ] {
+        let kind = crate::cluster::parse_redundancy(&redundancy).map_err(|e| CliError::new(1, e))?;
+        let req = pb::CreatePoolRequest {
+            name: name.into(),
+            redundancy: Some(kind),
+            tier: tier.into(),
+            pg_count: 0,
+        };
+        match mc
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.create_pool(req).await }
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(s) if s.code() == tonic::Code::AlreadyExists => {}
+            Err(s) => return Err(CliError::new(1, format!("creating pool {name}: {}", s.message()))),
+        }
+    }
+    let saved = data.join("root-key.json");
+    let (ak, sk) = match (
+        std::env::var("SOV_ROOT_ACCESS_KEY"),
+        std::env::var("SOV_ROOT_SECRET_KEY"),
+    ) {
+        (Ok(a), Ok(s)) if !a.is_empty() && !s.is_empty() => (a, s),
+        _ => match std::fs::read(&saved)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        {
+            Some(v) => (
+                v["access_key"].as_str().unwrap_or_default().to_string(),
+                v["secret_key"].as_str().unwrap_or_default().to_string(),
+            ),
+            None => {
+                let abc = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+                let id: String = (0..16)
+                    .map(|_| abc[rand::random::<usize>() % abc.len()] as char)
+                    .collect();
+                let secret = hex::encode(rand::random::<[u8; 20]>());
+                (format!("SOVROOT{id}"), secret)
+            }
+        },
+    };
+    let req = pb::CreateAccessKeyRequest {
+        name: "root".into(),
+        access_key_id: ak.clone(),
+        secret_access_key: sk.clone(),
+        admin: true,
+    };
+    match mc
+        .call(|mut c| {
+            let req = req.clone();
+            async move { c.create_access_key(req).await }
+        })
+        .await
+    {
+        Ok(_) => {}
+        Err(s) if s.code() == tonic::Code::AlreadyExists => {}
+        Err(s) => return Err(CliError::new(1, format!("creating the root key: {}", s.message()))),
+    }
+    write_private(
+        &saved,
+        &serde_json::to_vec_pretty(&serde_json::json!({"access_key": ak, "secret_key": sk}))
+            .expect("plain JSON"),
+    )?;
+    Ok((ak, sk))
 }
 
 /// The cluster's master key file, created (random, mode 0600) on first start.
@@ -183,29 +350,59 @@ pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
         .map_err(|e| CliError::new(1, format!("cannot create {}: {e}", a.data.display())))?;
     let data = std::fs::canonicalize(&a.data)
         .map_err(|e| CliError::new(1, format!("{}: {e}", a.data.display())))?;
+    let gateway = sibling_binary("gateway-s3")?;
+    if a.metad_members == 2 {
+        return Err(CliError::new(2, "--metad must be 1 or 3"));
+    }
     let mut nodes: Vec<Node> = Vec::new();
-    let metad_listen = format!("127.0.0.1:{}", a.metad_port);
     let key = master_key(&data)?;
-    let metad_dir = data.join("metad-1");
-    start_daemon(
-        &mut nodes,
-        &metad,
-        ("metad-1", "zone-1"),
-        &metad_dir,
-        (
-            &metad_listen,
-            &format!("127.0.0.1:{}", a.metad_metrics_port),
-        ),
-        &[
-            "--id".into(),
-            "1".into(),
+    let members: Vec<(u32, String)> = (1..=a.metad_members)
+        .map(|i| (i, format!("127.0.0.1:{}", a.metad_port + i as u16 - 1)))
+        .collect();
+    let metad_list = members
+        .iter()
+        .map(|(_, addr)| addr.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    let peers = members
+        .iter()
+        .map(|(i, addr)| format!("{i}={addr}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    // Members start together (each waits for the others to elect).
+    let mut metad_ready = Vec::new();
+    for (i, addr) in &members {
+        let name = format!("metad-{i}");
+        let dir = data.join(&name);
+        let mut args = vec![
+            "--id".to_string(),
+            i.to_string(),
             "--data-dir".into(),
-            metad_dir.join("data").display().to_string(),
+            dir.join("data").display().to_string(),
             "--master-key-file".into(),
             key.display().to_string(),
-        ],
-    )
-    .await?;
+        ];
+        if members.len() > 1 {
+            args.extend(["--peers".to_string(), peers.clone()]);
+        }
+        let zone = format!("zone-{}", (i - 1) % a.zones + 1);
+        metad_ready.push(
+            spawn_daemon(
+                &mut nodes,
+                &metad,
+                (&name, &zone),
+                &dir,
+                (
+                    addr,
+                    &format!("127.0.0.1:{}", a.metad_metrics_port + *i as u16 - 1),
+                ),
+                &args,
+            )?,
+        );
+    }
+    for r in metad_ready {
+        wait_ready(&mut nodes, r).await?;
+    }
     for i in 1..=a.storage_nodes {
         let name = format!("storaged-{i}");
         let zone = format!("zone-{}", (i - 1) % a.zones + 1);
@@ -223,7 +420,7 @@ pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
             "--disk".into(),
             disk.display().to_string(),
             "--metad".into(),
-            metad_listen.clone(),
+            metad_list.clone(),
         ];
         start_daemon(
             &mut nodes,
@@ -235,36 +432,59 @@ pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
         )
         .await?;
     }
+    let (access_key, secret_key) = match setup(&a, &data, &metad_list).await {
+        Ok(k) => k,
+        Err(e) => {
+            stop_all(&mut nodes);
+            return Err(e);
+        }
+    };
+    let s3_listen = format!("127.0.0.1:{}", a.s3_port);
+    start_daemon(
+        &mut nodes,
+        &gateway,
+        ("gateway-s3", "zone-1"),
+        &data.join("gateway-s3"),
+        (&s3_listen, &format!("127.0.0.1:{}", a.gateway_metrics_port)),
+        &["--metad".to_string(), metad_list.clone()],
+    )
+    .await?;
+    let s3_endpoint = format!("http://{s3_listen}");
     let cluster = serde_json::json!({
-        "s3_endpoint": null,
-        "metad_endpoints": [metad_listen],
+        "s3_endpoint": s3_endpoint,
+        "metad_endpoints": members.iter().map(|(_, a)| a.clone()).collect::<Vec<_>>(),
         "storaged_endpoints": nodes.iter().filter(|n| n.name.starts_with("storaged")).map(|n| n.listen.clone()).collect::<Vec<_>>(),
+        "access_key": access_key,
+        "secret_key": secret_key,
         "metrics": nodes.iter().map(|n| format!("http://{}/metrics", n.metrics)).collect::<Vec<_>>(),
         "processes": nodes.iter().map(|n| serde_json::json!({
             "name": n.name, "pid": n.child.id(), "zone": n.zone, "listen": n.listen,
         })).collect::<Vec<_>>(),
     });
     let path = data.join("cluster.json");
-    std::fs::write(
+    write_private(
         &path,
-        serde_json::to_vec_pretty(&cluster).expect("plain JSON"),
-    )
-    .map_err(|e| CliError::new(1, format!("cannot write {}: {e}", path.display())))?;
+        &serde_json::to_vec_pretty(&cluster).expect("plain JSON"),
+    )?;
     match out {
         Output::Json => println!("{cluster}"),
         Output::Text => {
             println!(
-                "sov cluster up (1 metad, {} storage nodes); state in {}",
+                "sov cluster up ({} metad, {} storage nodes, 1 S3 gateway); state in {}",
+                members.len(),
                 a.storage_nodes,
                 path.display()
             );
             for n in &nodes {
                 println!(
-                    "  {} zone {} grpc {} metrics http://{}/metrics",
+                    "  {} zone {} listen {} metrics http://{}/metrics",
                     n.name, n.zone, n.listen, n.metrics
                 );
             }
-            println!("S3 gateway: not part of the cluster yet. Ctrl-C stops everything.");
+            println!("S3 endpoint: {s3_endpoint}");
+            println!("  AWS_ACCESS_KEY_ID={access_key}");
+            println!("  AWS_SECRET_ACCESS_KEY={secret_key}");
+            println!("Ctrl-C stops everything.");
         }
     }
     use tokio::signal::unix::{SignalKind, signal};
