@@ -8,7 +8,9 @@ BIN_DIR=${BIN_DIR:-${CARGO_TARGET_DIR:-target}/debug}
 work=$(mktemp -d /tmp/sov-metrics-XXXXXX)
 pid=""
 mpid=""
+gpid=""
 cleanup() {
+  if [[ -n "$gpid" ]]; then kill "$gpid" 2>/dev/null || true; wait "$gpid" 2>/dev/null || true; fi
   if [[ -n "$pid" ]]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
   if [[ -n "$mpid" ]]; then kill "$mpid" 2>/dev/null || true; wait "$mpid" 2>/dev/null || true; fi
   [[ -n "${KEEP:-}" ]] || rm -rf "$work"
@@ -62,3 +64,23 @@ grep -q '^metad_storage_nodes{state="up"} 1' "$work/metad-metrics.txt" \
   || { cat "$work/metad-metrics.txt"; echo "storaged did not register with metad" >&2; exit 1; }
 promtool check metrics <"$work/metad-metrics.txt"
 echo "promtool check metrics: metad OK"
+
+"$BIN_DIR/gateway-s3" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --metad "$metad_addr" \
+  --ready-file "$work/gateway-ready.json" >"$work/gateway.log" 2>&1 &
+gpid=$!
+for _ in $(seq 1 600); do
+  [[ -s "$work/gateway-ready.json" ]] && break
+  kill -0 "$gpid" 2>/dev/null || { cat "$work/gateway.log"; echo "gateway-s3 exited" >&2; exit 1; }
+  sleep 0.1
+done
+[[ -s "$work/gateway-ready.json" ]] || { cat "$work/gateway.log"; echo "gateway-s3 not ready" >&2; exit 1; }
+s3=$(json_field "$work/gateway-ready.json" listen)
+gmetrics=$(json_field "$work/gateway-ready.json" metrics_listen)
+curl -s -o /dev/null "http://$s3/" || true          # anonymous: AccessDenied
+curl -s -o /dev/null "http://$s3/no-such/key" || true
+curl -fsS "http://$gmetrics/metrics" >"$work/gateway-metrics.txt"
+echo "gateway-s3 /metrics: $(grep -vc '^#' "$work/gateway-metrics.txt") samples"
+grep -q 'gateway_requests_total' "$work/gateway-metrics.txt" \
+  || { cat "$work/gateway-metrics.txt"; echo "gateway recorded no request" >&2; exit 1; }
+promtool check metrics <"$work/gateway-metrics.txt"
+echo "promtool check metrics: gateway-s3 OK"

@@ -35,3 +35,13 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 if [[ "${1:-}" == "--test" ]] && ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
+# The S3 tests drive the gateway with the aws cli and boto3 (from PyPI, into the python3 on
+# PATH; Debian's own python3 gets pip first).
+if [[ "${1:-}" == "--test" ]] && ! python3 -c "import boto3, awscli" >/dev/null 2>&1; then
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    SUDO=""; if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends python3-pip
+  fi
+  python3 -m pip install --quiet awscli boto3 \
+    || python3 -m pip install --quiet --break-system-packages awscli boto3
+fi

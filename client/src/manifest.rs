@@ -31,7 +31,10 @@ pub fn check(m: &Manifest) -> Result<(), String> {
             total += p.size;
         }
         if total != m.size {
-            return Err(format!("manifest parts hold {total} bytes, the object {}", m.size));
+            return Err(format!(
+                "manifest parts hold {total} bytes, the object {}",
+                m.size
+            ));
         }
         return Ok(());
     }

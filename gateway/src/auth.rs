@@ -32,13 +32,25 @@ pub enum Need {
 pub fn need(op: &str) -> Option<Need> {
     match op {
         "ListBuckets" | "CreateBucket" => None,
-        "DeleteBucket" | "PutBucketAcl" | "PutBucketPolicy" | "DeleteBucketPolicy"
-        | "PutBucketVersioning" | "PutBucketLifecycleConfiguration" => Some(Need::Owner),
-        "GetObject" | "HeadObject" | "ListObjects" | "ListObjectsV2" | "ListObjectVersions"
-        | "HeadBucket" | "GetBucketLocation" | "ListParts" | "ListMultipartUploads"
-        | "GetObjectAcl" | "GetBucketAcl" | "GetBucketVersioning" | "GetObjectAttributes" => {
-            Some(Need::Read)
-        }
+        "DeleteBucket"
+        | "PutBucketAcl"
+        | "PutBucketPolicy"
+        | "DeleteBucketPolicy"
+        | "PutBucketVersioning"
+        | "PutBucketLifecycleConfiguration" => Some(Need::Owner),
+        "GetObject"
+        | "HeadObject"
+        | "ListObjects"
+        | "ListObjectsV2"
+        | "ListObjectVersions"
+        | "HeadBucket"
+        | "GetBucketLocation"
+        | "ListParts"
+        | "ListMultipartUploads"
+        | "GetObjectAcl"
+        | "GetBucketAcl"
+        | "GetBucketVersioning"
+        | "GetObjectAttributes" => Some(Need::Read),
         _ => Some(Need::Write),
     }
 }

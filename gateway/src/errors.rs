@@ -31,7 +31,9 @@ pub fn meta_err(s: Status) -> S3Error {
             s3_error!(NoSuchKey, "The specified key does not exist.")
         }
         Code::NotFound => S3Error::with_message(S3ErrorCode::NoSuchKey, msg.to_string()),
-        Code::InvalidArgument => S3Error::with_message(S3ErrorCode::InvalidArgument, msg.to_string()),
+        Code::InvalidArgument => {
+            S3Error::with_message(S3ErrorCode::InvalidArgument, msg.to_string())
+        }
         Code::FailedPrecondition => {
             S3Error::with_message(S3ErrorCode::PreconditionFailed, msg.to_string())
         }

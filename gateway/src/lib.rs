@@ -103,11 +103,12 @@ pub async fn run(
         let svc = svc.clone();
         let metrics = metrics.clone();
         conns.spawn(async move {
-            let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let svc = svc.clone();
-                let metrics = metrics.clone();
-                async move { metrics::serve(&svc, &metrics, req).await }
-            });
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let svc = svc.clone();
+                    let metrics = metrics.clone();
+                    async move { metrics::serve(&svc, &metrics, req).await }
+                });
             if let Err(e) = ConnBuilder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await

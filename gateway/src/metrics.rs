@@ -58,7 +58,8 @@ impl Metrics {
         for c in [&requests, &bytes_in, &bytes_out] {
             r.register(Box::new(c.clone())).expect("unique metric");
         }
-        r.register(Box::new(seconds.clone())).expect("unique metric");
+        r.register(Box::new(seconds.clone()))
+            .expect("unique metric");
         Metrics {
             registry: r,
             requests,

@@ -60,7 +60,9 @@ fn who<T>(req: &S3Request<T>) -> Option<String> {
 }
 
 fn sse() -> Option<ServerSideEncryption> {
-    Some(ServerSideEncryption::from_static(ServerSideEncryption::AES256))
+    Some(ServerSideEncryption::from_static(
+        ServerSideEncryption::AES256,
+    ))
 }
 
 /// `encoding-type=url`: keys and prefixes percent-encoded (slashes kept).
@@ -143,7 +145,12 @@ fn check_body<R>(
             .decode(want.trim())
             .ok()
             .filter(|r| r.len() == 16)
-            .ok_or_else(|| s3_error!(InvalidDigest, "The Content-MD5 you specified was not valid."))?;
+            .ok_or_else(|| {
+                s3_error!(
+                    InvalidDigest,
+                    "The Content-MD5 you specified was not valid."
+                )
+            })?;
         if raw[..] != md5[..] {
             return Err(s3_error!(
                 BadDigest,
@@ -201,7 +208,11 @@ impl Gateway {
     }
 
     /// The pool and storage class for a write.
-    fn placement(&self, class: Option<&StorageClass>, b: &pb::Bucket) -> S3Result<(String, String)> {
+    fn placement(
+        &self,
+        class: Option<&StorageClass>,
+        b: &pb::Bucket,
+    ) -> S3Result<(String, String)> {
         let class = class.map(|c| c.as_str().to_string()).unwrap_or_default();
         let pool = match class.as_str() {
             "" | "STANDARD" | "REDUCED_REDUNDANCY" => {
@@ -220,7 +231,11 @@ impl Gateway {
                 ));
             }
         };
-        let class = if class.is_empty() { "STANDARD".to_string() } else { class };
+        let class = if class.is_empty() {
+            "STANDARD".to_string()
+        } else {
+            class
+        };
         Ok((pool, class))
     }
 
@@ -261,7 +276,10 @@ impl Gateway {
     }
 
     async fn head(&self, bucket: &str, key: &str) -> S3Result<pb::ObjectVersion> {
-        self.client.head_object(bucket, key).await.map_err(client_err)
+        self.client
+            .head_object(bucket, key)
+            .await
+            .map_err(client_err)
     }
 
     async fn list(
@@ -317,7 +335,10 @@ impl Gateway {
         conds: CopyConds<'_>,
     ) -> S3Result<(pb::ObjectVersion, sov_client::ObjectReader)> {
         let CopySource::Bucket { bucket, key, .. } = src else {
-            return Err(s3_error!(NotImplemented, "only bucket copy sources are supported"));
+            return Err(s3_error!(
+                NotImplemented,
+                "only bucket copy sources are supported"
+            ));
         };
         self.authz.allow(caller, bucket, Need::Read).await?;
         let v = self.head(bucket, key).await?;
@@ -326,19 +347,16 @@ impl Gateway {
         if let Some((s, e)) = range
             && (s > e || e > v.size)
         {
-            return Err(s3_error!(InvalidRange, "The requested range is not satisfiable"));
+            return Err(s3_error!(
+                InvalidRange,
+                "The requested range is not satisfiable"
+            ));
         }
         let r = self.client.reader(m, range).await.map_err(client_err)?;
         Ok((v, r))
     }
 
-    async fn commit_part(
-        &self,
-        u: &pb::Upload,
-        n: i32,
-        w: Written,
-        md5_hex: &str,
-    ) -> S3Result<()> {
+    async fn commit_part(&self, u: &pb::Upload, n: i32, w: Written, md5_hex: &str) -> S3Result<()> {
         let req = pb::PutPartRequest {
             bucket: u.bucket.clone(),
             key: u.key.clone(),
@@ -381,7 +399,12 @@ fn etag_matches(c: &ETagCondition, etag: &str) -> bool {
 
 fn check_copy_conditions(v: &pb::ObjectVersion, c: &CopyConds<'_>) -> S3Result<()> {
     let secs = (v.modified_unix_ms / 1000) as i64;
-    let failed = || s3_error!(PreconditionFailed, "At least one of the pre-conditions you specified did not hold");
+    let failed = || {
+        s3_error!(
+            PreconditionFailed,
+            "At least one of the pre-conditions you specified did not hold"
+        )
+    };
     if let Some(m) = c.if_match
         && !etag_matches(m, &v.etag)
     {
@@ -418,12 +441,18 @@ fn check_read_conditions(
     let secs = (v.modified_unix_ms / 1000) as i64;
     if let Some(m) = if_match {
         if !etag_matches(m, &v.etag) {
-            return Err(s3_error!(PreconditionFailed, "At least one of the pre-conditions you specified did not hold"));
+            return Err(s3_error!(
+                PreconditionFailed,
+                "At least one of the pre-conditions you specified did not hold"
+            ));
         }
     } else if let Some(t) = if_unmodified_since
         && secs > unix_secs(t)
     {
-        return Err(s3_error!(PreconditionFailed, "At least one of the pre-conditions you specified did not hold"));
+        return Err(s3_error!(
+            PreconditionFailed,
+            "At least one of the pre-conditions you specified did not hold"
+        ));
     }
     let not_modified = || {
         let mut e = S3Error::new(S3ErrorCode::NotModified);
@@ -601,7 +630,10 @@ impl S3 for Gateway {
     ) -> S3Result<S3Response<PutObjectOutput>> {
         let i = &mut req.input;
         if i.content_length.is_some_and(|l| l > MAX_PUT) {
-            return Err(s3_error!(EntityTooLarge, "Your proposed upload exceeds the maximum allowed object size."));
+            return Err(s3_error!(
+                EntityTooLarge,
+                "Your proposed upload exceeds the maximum allowed object size."
+            ));
         }
         let b = self.bucket(&i.bucket).await?;
         let (pool, class) = self.placement(i.storage_class.as_ref(), &b)?;
@@ -614,8 +646,15 @@ impl S3 for Gateway {
         if let Some(c) = &i.if_match {
             match self.client.head_object(&i.bucket, &i.key).await {
                 Ok(v) if etag_matches(c, &v.etag) => expected_version_id = Some(v.version_id),
-                Ok(_) => return Err(s3_error!(PreconditionFailed, "At least one of the pre-conditions you specified did not hold")),
-                Err(e) if e.is_not_found() => return Err(s3_error!(NoSuchKey, "The specified key does not exist.")),
+                Ok(_) => {
+                    return Err(s3_error!(
+                        PreconditionFailed,
+                        "At least one of the pre-conditions you specified did not hold"
+                    ));
+                }
+                Err(e) if e.is_not_found() => {
+                    return Err(s3_error!(NoSuchKey, "The specified key does not exist."));
+                }
                 Err(e) => return Err(client_err(e)),
             }
         }
@@ -630,9 +669,19 @@ impl S3 for Gateway {
                 ("SHA256", &i.checksum_sha256),
             ],
         );
-        let body = i.body.take().ok_or_else(|| s3_error!(IncompleteBody, "no body"))?;
+        let body = i
+            .body
+            .take()
+            .ok_or_else(|| s3_error!(IncompleteBody, "no body"))?;
         let (w, checked) = self
-            .write(&pool, &b, body::reader(body), &exp, i.content_length, req.trailing_headers.as_ref())
+            .write(
+                &pool,
+                &b,
+                body::reader(body),
+                &exp,
+                i.content_length,
+                req.trailing_headers.as_ref(),
+            )
             .await?;
         let i = &req.input;
         let opts = PutOptions {
@@ -649,7 +698,10 @@ impl S3 for Gateway {
             .await
             .map_err(|e| match e {
                 sov_client::ClientError::Meta(s) if s.code() == Code::FailedPrecondition => {
-                    s3_error!(PreconditionFailed, "At least one of the pre-conditions you specified did not hold")
+                    s3_error!(
+                        PreconditionFailed,
+                        "At least one of the pre-conditions you specified did not hold"
+                    )
                 }
                 e => client_err(e),
             })?;
@@ -672,7 +724,13 @@ impl S3 for Gateway {
     ) -> S3Result<S3Response<GetObjectOutput>> {
         let i = &req.input;
         let v = self.head(&i.bucket, &i.key).await?;
-        check_read_conditions(&v, &i.if_match, &i.if_none_match, &i.if_modified_since, &i.if_unmodified_since)?;
+        check_read_conditions(
+            &v,
+            &i.if_match,
+            &i.if_none_match,
+            &i.if_modified_since,
+            &i.if_unmodified_since,
+        )?;
         let (start, end, content_range) = match &i.range {
             Some(r) => {
                 let r = r.check(v.size)?;
@@ -712,7 +770,13 @@ impl S3 for Gateway {
     ) -> S3Result<S3Response<HeadObjectOutput>> {
         let i = &req.input;
         let v = self.head(&i.bucket, &i.key).await?;
-        check_read_conditions(&v, &i.if_match, &i.if_none_match, &i.if_modified_since, &i.if_unmodified_since)?;
+        check_read_conditions(
+            &v,
+            &i.if_match,
+            &i.if_none_match,
+            &i.if_modified_since,
+            &i.if_unmodified_since,
+        )?;
         let mut len = v.size;
         let mut content_range = None;
         if let Some(r) = &i.range {
@@ -781,7 +845,11 @@ impl S3 for Gateway {
         }
         Ok(S3Response::new(DeleteObjectsOutput {
             deleted: Some(deleted),
-            errors: if errors.is_empty() { None } else { Some(errors) },
+            errors: if errors.is_empty() {
+                None
+            } else {
+                Some(errors)
+            },
             ..Default::default()
         }))
     }
@@ -827,7 +895,14 @@ impl S3 for Gateway {
             value: None,
         };
         let (w, checked) = self
-            .write(&pool, &b, body::object_reader(reader), &exp, Some(src.size as i64), None)
+            .write(
+                &pool,
+                &b,
+                body::object_reader(reader),
+                &exp,
+                Some(src.size as i64),
+                None,
+            )
             .await?;
         let (content_type, user_metadata) = if replace {
             (
@@ -873,19 +948,24 @@ impl S3 for Gateway {
         let prefix = i.prefix.clone().unwrap_or_default();
         let delimiter = i.delimiter.clone().unwrap_or_default();
         let marker = i.marker.clone().unwrap_or_default();
-        let r = self.list(&i.bucket, &prefix, &delimiter, &marker, max).await?;
+        let r = self
+            .list(&i.bucket, &prefix, &delimiter, &marker, max)
+            .await?;
         let contents = r.objects.iter().map(|o| object_entry(o, url)).collect();
         let common: Vec<CommonPrefix> = r
             .common_prefixes
             .iter()
-            .map(|p| CommonPrefix { prefix: Some(enc(p, url)) })
+            .map(|p| CommonPrefix {
+                prefix: Some(enc(p, url)),
+            })
             .collect();
         Ok(S3Response::new(ListObjectsOutput {
             name: Some(i.bucket.clone()),
             prefix: Some(enc(&prefix, url)),
             delimiter: i.delimiter.as_ref().map(|d| enc(d, url)),
             marker: Some(enc(&marker, url)),
-            next_marker: (r.truncated && !delimiter.is_empty()).then(|| enc(&r.next_start_after, url)),
+            next_marker: (r.truncated && !delimiter.is_empty())
+                .then(|| enc(&r.next_start_after, url)),
             max_keys: Some(max),
             is_truncated: Some(r.truncated),
             contents: Some(contents),
@@ -905,18 +985,30 @@ impl S3 for Gateway {
         let prefix = i.prefix.clone().unwrap_or_default();
         let delimiter = i.delimiter.clone().unwrap_or_default();
         let start = match &i.continuation_token {
-            Some(t) => String::from_utf8(
-                hex::decode(t).map_err(|_| s3_error!(InvalidArgument, "The continuation token provided is incorrect"))?,
-            )
-            .map_err(|_| s3_error!(InvalidArgument, "The continuation token provided is incorrect"))?,
+            Some(t) => String::from_utf8(hex::decode(t).map_err(|_| {
+                s3_error!(
+                    InvalidArgument,
+                    "The continuation token provided is incorrect"
+                )
+            })?)
+            .map_err(|_| {
+                s3_error!(
+                    InvalidArgument,
+                    "The continuation token provided is incorrect"
+                )
+            })?,
             None => i.start_after.clone().unwrap_or_default(),
         };
-        let r = self.list(&i.bucket, &prefix, &delimiter, &start, max).await?;
+        let r = self
+            .list(&i.bucket, &prefix, &delimiter, &start, max)
+            .await?;
         let contents: Vec<Object> = r.objects.iter().map(|o| object_entry(o, url)).collect();
         let common: Vec<CommonPrefix> = r
             .common_prefixes
             .iter()
-            .map(|p| CommonPrefix { prefix: Some(enc(p, url)) })
+            .map(|p| CommonPrefix {
+                prefix: Some(enc(p, url)),
+            })
             .collect();
         Ok(S3Response::new(ListObjectsV2Output {
             name: Some(i.bucket.clone()),
@@ -945,7 +1037,9 @@ impl S3 for Gateway {
         let prefix = i.prefix.clone().unwrap_or_default();
         let delimiter = i.delimiter.clone().unwrap_or_default();
         let marker = i.key_marker.clone().unwrap_or_default();
-        let r = self.list(&i.bucket, &prefix, &delimiter, &marker, max).await?;
+        let r = self
+            .list(&i.bucket, &prefix, &delimiter, &marker, max)
+            .await?;
         let versions = r
             .objects
             .iter()
@@ -973,7 +1067,9 @@ impl S3 for Gateway {
             common_prefixes: Some(
                 r.common_prefixes
                     .iter()
-                    .map(|p| CommonPrefix { prefix: Some(enc(p, url)) })
+                    .map(|p| CommonPrefix {
+                        prefix: Some(enc(p, url)),
+                    })
                     .collect(),
             ),
             encoding_type: i.encoding_type.clone(),
@@ -1002,7 +1098,10 @@ impl S3 for Gateway {
             .meta
             .call(|mut c| {
                 let up = up.clone();
-                async move { c.create_upload(pb::CreateUploadRequest { upload: Some(up) }).await }
+                async move {
+                    c.create_upload(pb::CreateUploadRequest { upload: Some(up) })
+                        .await
+                }
             })
             .await
             .map_err(meta_err)?;
@@ -1021,10 +1120,16 @@ impl S3 for Gateway {
     ) -> S3Result<S3Response<UploadPartOutput>> {
         let i = &mut req.input;
         if !(1..=10_000).contains(&i.part_number) {
-            return Err(s3_error!(InvalidArgument, "Part number must be an integer between 1 and 10000, inclusive"));
+            return Err(s3_error!(
+                InvalidArgument,
+                "Part number must be an integer between 1 and 10000, inclusive"
+            ));
         }
         if i.content_length.is_some_and(|l| l > MAX_PUT) {
-            return Err(s3_error!(EntityTooLarge, "Your proposed upload exceeds the maximum allowed object size."));
+            return Err(s3_error!(
+                EntityTooLarge,
+                "Your proposed upload exceeds the maximum allowed object size."
+            ));
         }
         let u = self.upload(&i.bucket, &i.key, &i.upload_id).await?;
         let b = self.bucket(&i.bucket).await?;
@@ -1039,11 +1144,22 @@ impl S3 for Gateway {
                 ("SHA256", &i.checksum_sha256),
             ],
         );
-        let body = i.body.take().ok_or_else(|| s3_error!(IncompleteBody, "no body"))?;
+        let body = i
+            .body
+            .take()
+            .ok_or_else(|| s3_error!(IncompleteBody, "no body"))?;
         let (w, checked) = self
-            .write(&u.pool, &b, body::reader(body), &exp, i.content_length, req.trailing_headers.as_ref())
+            .write(
+                &u.pool,
+                &b,
+                body::reader(body),
+                &exp,
+                i.content_length,
+                req.trailing_headers.as_ref(),
+            )
             .await?;
-        self.commit_part(&u, req.input.part_number, w, &checked.md5_hex).await?;
+        self.commit_part(&u, req.input.part_number, w, &checked.md5_hex)
+            .await?;
         let [c32, c32c, c64, s1, s256] = put_checksums(&checked.sum);
         Ok(S3Response::new(UploadPartOutput {
             e_tag: Some(strong(&checked.md5_hex)),
@@ -1064,16 +1180,32 @@ impl S3 for Gateway {
         let caller = who(&req);
         let i = &req.input;
         if !(1..=10_000).contains(&i.part_number) {
-            return Err(s3_error!(InvalidArgument, "Part number must be an integer between 1 and 10000, inclusive"));
+            return Err(s3_error!(
+                InvalidArgument,
+                "Part number must be an integer between 1 and 10000, inclusive"
+            ));
         }
         let u = self.upload(&i.bucket, &i.key, &i.upload_id).await?;
         let b = self.bucket(&i.bucket).await?;
         let range = match &i.copy_source_range {
             Some(r) => {
-                let r = Range::parse(r).map_err(|_| s3_error!(InvalidArgument, "The x-amz-copy-source-range value must be of the form bytes=first-last"))?;
+                let r = Range::parse(r).map_err(|_| {
+                    s3_error!(
+                        InvalidArgument,
+                        "The x-amz-copy-source-range value must be of the form bytes=first-last"
+                    )
+                })?;
                 match r {
-                    Range::Int { first, last: Some(last) } if last >= first => Some((first, last + 1)),
-                    _ => return Err(s3_error!(InvalidArgument, "The x-amz-copy-source-range value must be of the form bytes=first-last")),
+                    Range::Int {
+                        first,
+                        last: Some(last),
+                    } if last >= first => Some((first, last + 1)),
+                    _ => {
+                        return Err(s3_error!(
+                            InvalidArgument,
+                            "The x-amz-copy-source-range value must be of the form bytes=first-last"
+                        ));
+                    }
                 }
             }
             None => None,
@@ -1094,9 +1226,17 @@ impl S3 for Gateway {
             value: None,
         };
         let (w, checked) = self
-            .write(&u.pool, &b, body::object_reader(reader), &exp, Some(len as i64), None)
+            .write(
+                &u.pool,
+                &b,
+                body::object_reader(reader),
+                &exp,
+                Some(len as i64),
+                None,
+            )
             .await?;
-        self.commit_part(&u, i.part_number, w, &checked.md5_hex).await?;
+        self.commit_part(&u, i.part_number, w, &checked.md5_hex)
+            .await?;
         Ok(S3Response::new(UploadPartCopyOutput {
             copy_part_result: Some(CopyPartResult {
                 e_tag: Some(strong(&checked.md5_hex)),
@@ -1121,7 +1261,11 @@ impl S3 for Gateway {
                 ps.iter()
                     .map(|p| pb::CompletedPart {
                         part_number: p.part_number.unwrap_or(0).max(0) as u32,
-                        etag: p.e_tag.as_ref().map(|e| e.value().to_string()).unwrap_or_default(),
+                        etag: p
+                            .e_tag
+                            .as_ref()
+                            .map(|e| e.value().to_string())
+                            .unwrap_or_default(),
                     })
                     .collect()
             })
@@ -1213,9 +1357,19 @@ impl S3 for Gateway {
             max_parts: Some(r.max_parts as i32),
             part_number_marker: i.part_number_marker,
             next_part_number_marker: l.truncated.then_some(l.next_part_number_marker as i32),
-            storage_class: Some(StorageClass::from(if u.storage_class.is_empty() { "STANDARD".to_string() } else { u.storage_class.clone() })),
-            initiator: Some(Initiator { id: Some(u.owner.clone()), display_name: Some(u.owner.clone()) }),
-            owner: Some(Owner { id: Some(u.owner.clone()), display_name: Some(u.owner) }),
+            storage_class: Some(StorageClass::from(if u.storage_class.is_empty() {
+                "STANDARD".to_string()
+            } else {
+                u.storage_class.clone()
+            })),
+            initiator: Some(Initiator {
+                id: Some(u.owner.clone()),
+                display_name: Some(u.owner.clone()),
+            }),
+            owner: Some(Owner {
+                id: Some(u.owner.clone()),
+                display_name: Some(u.owner),
+            }),
             ..Default::default()
         }))
     }
@@ -1258,8 +1412,14 @@ impl S3 for Gateway {
                         upload_id: Some(u.upload_id.clone()),
                         initiated: Some(ts(u.created_unix_ms)),
                         storage_class: Some(StorageClass::from(u.storage_class.clone())),
-                        initiator: Some(Initiator { id: Some(u.owner.clone()), display_name: Some(u.owner.clone()) }),
-                        owner: Some(Owner { id: Some(u.owner.clone()), display_name: Some(u.owner.clone()) }),
+                        initiator: Some(Initiator {
+                            id: Some(u.owner.clone()),
+                            display_name: Some(u.owner.clone()),
+                        }),
+                        owner: Some(Owner {
+                            id: Some(u.owner.clone()),
+                            display_name: Some(u.owner.clone()),
+                        }),
                         ..Default::default()
                     })
                     .collect(),

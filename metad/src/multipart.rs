@@ -16,6 +16,9 @@ use crate::service::{MetadService, RMW_TRIES, decode, version_id};
 use crate::store::{Check, Op};
 use crate::tables;
 
+/// A part as stored: its key, its raw value and the part.
+type PartRecord = (Vec<u8>, Vec<u8>, Part);
+
 /// Highest part number (S3's).
 pub const MAX_PART_NUMBER: u32 = 10_000;
 
@@ -42,8 +45,8 @@ impl MetadService {
         Ok((raw, u))
     }
 
-    /// Every part record of an upload, in part order.
-    fn read_parts(&self, id: &str) -> Result<Vec<(Vec<u8>, Vec<u8>, Part)>, Status> {
+    /// Every part record of an upload, in part order: (key, raw value, part).
+    fn read_parts(&self, id: &str) -> Result<Vec<PartRecord>, Status> {
         self.scan(&tables::parts_prefix(id))?
             .into_iter()
             .map(|(k, v)| {
@@ -147,7 +150,10 @@ impl MetadService {
         Err(Status::aborted("the upload kept changing; retry"))
     }
 
-    pub(crate) async fn list_parts(&self, r: ListPartsRequest) -> Result<ListPartsResponse, Status> {
+    pub(crate) async fn list_parts(
+        &self,
+        r: ListPartsRequest,
+    ) -> Result<ListPartsResponse, Status> {
         check_names(&r.bucket, &r.key)?;
         self.core.linearize().await?;
         let (_, u) = self.read_upload(&r.bucket, &r.key, &r.upload_id)?;
@@ -259,7 +265,9 @@ impl MetadService {
             let mut size = 0u64;
             let last = r.parts.len() - 1;
             for (i, want) in r.parts.iter().enumerate() {
-                let Some((_, _, p)) = stored.iter().find(|(_, _, p)| p.part_number == want.part_number)
+                let Some((_, _, p)) = stored
+                    .iter()
+                    .find(|(_, _, p)| p.part_number == want.part_number)
                 else {
                     return Err(Status::invalid_argument(format!(
                         "InvalidPart: part {} was not uploaded",
@@ -378,7 +386,10 @@ impl MetadService {
                         .map_err(|_| e)?
                 }
             };
-            if self.drop_upload(&r.bucket, &r.key, &r.upload_id, uraw).await? {
+            if self
+                .drop_upload(&r.bucket, &r.key, &r.upload_id, uraw)
+                .await?
+            {
                 return Ok(());
             }
         }

@@ -1096,7 +1096,10 @@ impl Metad for MetadService {
                     ));
                 }
                 let master = self.core.master()?;
-                let (id, secret) = match (r.access_key_id.is_empty(), r.secret_access_key.is_empty()) {
+                let (id, secret) = match (
+                    r.access_key_id.is_empty(),
+                    r.secret_access_key.is_empty(),
+                ) {
                     (true, true) => (
                         format!(
                             "SOV{}",
@@ -1399,9 +1402,14 @@ impl Metad for MetadService {
         &self,
         req: Request<CreateUploadRequest>,
     ) -> Result<Response<Upload>, Status> {
-        handle!(self, req, "CreateUpload", create_upload, local_ok = false, {
+        handle!(
+            self,
+            req,
+            "CreateUpload",
+            create_upload,
+            local_ok = false,
             MetadService::create_upload(self, req.into_inner()).await
-        })
+        )
     }
 
     async fn get_upload(&self, req: Request<GetUploadRequest>) -> Result<Response<Upload>, Status> {
@@ -1441,9 +1449,14 @@ impl Metad for MetadService {
         &self,
         req: Request<CompleteUploadRequest>,
     ) -> Result<Response<PutObjectResponse>, Status> {
-        handle!(self, req, "CompleteUpload", complete_upload, local_ok = false, {
+        handle!(
+            self,
+            req,
+            "CompleteUpload",
+            complete_upload,
+            local_ok = false,
             MetadService::complete_upload(self, req.into_inner()).await
-        })
+        )
     }
 
     async fn abort_upload(

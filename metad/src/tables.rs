@@ -53,7 +53,15 @@ pub fn akey_key(id: &str) -> Vec<u8> {
 /// `upl/<bucket>/<key>\0<upload id>`: uploads of a bucket sort by key, then by upload id
 /// (which starts with the creation time). Keys hold no NUL.
 pub fn upload_key(bucket: &str, key: &str, id: &str) -> Vec<u8> {
-    [UPLOAD_PREFIX, bucket.as_bytes(), b"/", key.as_bytes(), b"\0", id.as_bytes()].concat()
+    [
+        UPLOAD_PREFIX,
+        bucket.as_bytes(),
+        b"/",
+        key.as_bytes(),
+        b"\0",
+        id.as_bytes(),
+    ]
+    .concat()
 }
 
 pub fn uploads_prefix(bucket: &str) -> Vec<u8> {

@@ -500,7 +500,7 @@ async fn keys_need_a_private_master_key() {
             name: "x".into(),
             ..Default::default()
         })
-            .await,
+        .await,
     );
     assert_eq!(code_, Code::FailedPrecondition);
     assert!(msg.contains("master key"), "{msg}");

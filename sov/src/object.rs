@@ -214,7 +214,11 @@ pub async fn run_bucket(cmd: BucketCmd, out: Output) -> Result<(), CliError> {
             access_key,
             permission,
         } => {
-            let perm = if permission == "none" { String::new() } else { permission };
+            let perm = if permission == "none" {
+                String::new()
+            } else {
+                permission
+            };
             let req = pb::SetBucketAccessRequest {
                 bucket,
                 access_key_id: access_key,
@@ -241,7 +245,10 @@ pub async fn run_bucket(cmd: BucketCmd, out: Output) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn set_access(m: &MetadArgs, req: pb::SetBucketAccessRequest) -> Result<pb::Bucket, CliError> {
+async fn set_access(
+    m: &MetadArgs,
+    req: pb::SetBucketAccessRequest,
+) -> Result<pb::Bucket, CliError> {
     m.client()?
         .call(|mut c| {
             let req = req.clone();
@@ -287,7 +294,11 @@ pub async fn run_key(cmd: KeyCmd, out: Output) -> Result<(), CliError> {
                 })
                 .await
                 .map_err(status_err)?;
-            let id = k.key.as_ref().map(|k| k.access_key_id.clone()).unwrap_or_default();
+            let id = k
+                .key
+                .as_ref()
+                .map(|k| k.access_key_id.clone())
+                .unwrap_or_default();
             print(
                 out,
                 json!({"access_key": id, "secret_key": k.secret_access_key, "admin": admin}),
@@ -300,9 +311,7 @@ pub async fn run_key(cmd: KeyCmd, out: Output) -> Result<(), CliError> {
         KeyCmd::List(a) => {
             let r = a
                 .client()?
-                .call(|mut c| async move {
-                    c.list_access_keys(pb::ListAccessKeysRequest {}).await
-                })
+                .call(|mut c| async move { c.list_access_keys(pb::ListAccessKeysRequest {}).await })
                 .await
                 .map_err(status_err)?;
             let rows: Vec<Vec<String>> = r
@@ -334,7 +343,11 @@ pub async fn run_key(cmd: KeyCmd, out: Output) -> Result<(), CliError> {
                 })
                 .await
                 .map_err(status_err)?;
-            print(out, json!({"deleted": access_key}), format!("deleted access key {access_key}"));
+            print(
+                out,
+                json!({"deleted": access_key}),
+                format!("deleted access key {access_key}"),
+            );
         }
     }
     Ok(())

@@ -153,7 +153,7 @@ fn spawn_daemon(
 }
 
 /// Waits until a started daemon serves; stops everything if it dies or takes over 60 s.
-async fn wait_ready(nodes: &mut Vec<Node>, p: Pending) -> Result<(), CliError> {
+async fn wait_ready(nodes: &mut [Node], p: Pending) -> Result<(), CliError> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if p.ready.exists() {
@@ -221,7 +221,11 @@ fn ec_profile(n: u32) -> String {
 
 /// After the storage nodes registered: the storage-class pools and the root key. Returns the
 /// root key (from the environment, from an earlier start, or made now).
-async fn setup(a: &UpArgs, data: &std::path::Path, metad: &str) -> Result<(String, String), CliError> {
+async fn setup(
+    a: &UpArgs,
+    data: &std::path::Path,
+    metad: &str,
+) -> Result<(String, String), CliError> {
     use sov_client::meta::{MetaClient, parse_addrs};
     use sov_proto::metad as pb;
     let mc = MetaClient::new(&parse_addrs(metad))
@@ -231,7 +235,8 @@ async fn setup(a: &UpArgs, data: &std::path::Path, metad: &str) -> Result<(Strin
     loop {
         let m = mc
             .call(|mut c| async move {
-                c.get_cluster_map(pb::GetClusterMapRequest { consistency: 0 }).await
+                c.get_cluster_map(pb::GetClusterMapRequest { consistency: 0 })
+                    .await
             })
             .await
             .map_err(|e| CliError::new(1, e.message().to_string()))?;
@@ -239,17 +244,25 @@ async fn setup(a: &UpArgs, data: &std::path::Path, metad: &str) -> Result<(Strin
             break;
         }
         if Instant::now() > deadline {
-            return Err(CliError::new(1, "storage nodes did not register within 60s"));
+            return Err(CliError::new(
+                1,
+                "storage nodes did not register within 60s",
+            ));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let n = a.storage_nodes;
     for (name, redundancy, tier) in [
-        ("standard", format!("replicated:{}", n.min(3)), "performance"),
+        (
+            "standard",
+            format!("replicated:{}", n.min(3)),
+            "performance",
+        ),
         ("standard-ia", ec_profile(n), "standard"),
         ("archive", ec_profile(n), "archive"),
     ] {
-        let kind = crate::cluster::parse_redundancy(&redundancy).map_err(|e| CliError::new(1, e))?;
+        let kind =
+            crate::cluster::parse_redundancy(&redundancy).map_err(|e| CliError::new(1, e))?;
         let req = pb::CreatePoolRequest {
             name: name.into(),
             redundancy: Some(kind),
@@ -265,7 +278,12 @@ async fn setup(a: &UpArgs, data: &std::path::Path, metad: &str) -> Result<(Strin
         {
             Ok(_) => {}
             Err(s) if s.code() == tonic::Code::AlreadyExists => {}
-            Err(s) => return Err(CliError::new(1, format!("creating pool {name}: {}", s.message()))),
+            Err(s) => {
+                return Err(CliError::new(
+                    1,
+                    format!("creating pool {name}: {}", s.message()),
+                ));
+            }
         }
     }
     let saved = data.join("root-key.json");
@@ -307,7 +325,12 @@ async fn setup(a: &UpArgs, data: &std::path::Path, metad: &str) -> Result<(Strin
     {
         Ok(_) => {}
         Err(s) if s.code() == tonic::Code::AlreadyExists => {}
-        Err(s) => return Err(CliError::new(1, format!("creating the root key: {}", s.message()))),
+        Err(s) => {
+            return Err(CliError::new(
+                1,
+                format!("creating the root key: {}", s.message()),
+            ));
+        }
     }
     write_private(
         &saved,
@@ -386,19 +409,17 @@ pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
             args.extend(["--peers".to_string(), peers.clone()]);
         }
         let zone = format!("zone-{}", (i - 1) % a.zones + 1);
-        metad_ready.push(
-            spawn_daemon(
-                &mut nodes,
-                &metad,
-                (&name, &zone),
-                &dir,
-                (
-                    addr,
-                    &format!("127.0.0.1:{}", a.metad_metrics_port + *i as u16 - 1),
-                ),
-                &args,
-            )?,
-        );
+        metad_ready.push(spawn_daemon(
+            &mut nodes,
+            &metad,
+            (&name, &zone),
+            &dir,
+            (
+                addr,
+                &format!("127.0.0.1:{}", a.metad_metrics_port + *i as u16 - 1),
+            ),
+            &args,
+        )?);
     }
     for r in metad_ready {
         wait_ready(&mut nodes, r).await?;

@@ -339,6 +339,33 @@ pub fn free_port() -> u16 {
         .expect("binding a loopback port")
 }
 
+/// The first of `n` consecutive loopback ports that are free now (for daemons numbered from a
+/// base port, as `sov up` does).
+pub fn free_port_range(n: u16) -> u16 {
+    for _ in 0..200 {
+        let base = 20_000 + (rand_u16() % 40_000);
+        let held: Vec<_> = (0..n)
+            .map_while(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).ok())
+            .collect();
+        if held.len() == n as usize {
+            return base;
+        }
+    }
+    panic!("no {n} consecutive free loopback ports");
+}
+
+fn rand_u16() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() as u16
+}
+
 /// What metad writes to its `--ready-file`.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct MetadReady {
