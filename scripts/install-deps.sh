@@ -6,8 +6,9 @@ set -euo pipefail
 pkgs=(clang libclang-dev curl ca-certificates)
 if [[ "${1:-}" == "--test" ]]; then
   # promtool (from prometheus) checks /metrics; mount/umount come with util-linux; etcd is
-  # the baseline of the metad benchmark, whose quick run is part of the tests.
-  pkgs+=(prometheus util-linux etcd-server)
+  # the baseline of the metad benchmark, whose quick run is part of the tests; rclone and
+  # s3cmd are S3 clients the gateway tests drive.
+  pkgs+=(prometheus util-linux etcd-server rclone s3cmd)
 fi
 if [[ "${1:-}" == "--bench" ]]; then
   pkgs+=(etcd-server)

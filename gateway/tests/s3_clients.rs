@@ -192,6 +192,74 @@ fn aws_cli_and_boto3_against_sov_up() {
     assert_eq!(ls.lines().count(), 1, "only big.bin is left: {ls}");
     println!("aws cli: mb, cp 100 MiB both ways, sync both ways, ls, presign, rm --recursive");
 
+    // rclone: copy a tree up and check it byte for byte (MD5 against our ETags, then size).
+    let rclone = |args: &[&str]| {
+        let out = Command::new("rclone")
+            .args(args)
+            .env("RCLONE_CONFIG", "/dev/null")
+            .env_remove("AWS_CA_BUNDLE")
+            .env_remove("AWS_PROFILE")
+            .env("RCLONE_CONFIG_SOV_TYPE", "s3")
+            .env("RCLONE_CONFIG_SOV_PROVIDER", "Other")
+            .env("RCLONE_CONFIG_SOV_ENDPOINT", &up.endpoint)
+            .env("RCLONE_CONFIG_SOV_ACCESS_KEY_ID", &up.access_key)
+            .env("RCLONE_CONFIG_SOV_SECRET_ACCESS_KEY", &up.secret_key)
+            .env("RCLONE_CONFIG_SOV_FORCE_PATH_STYLE", "true")
+            .output()
+            .expect("run rclone");
+        assert!(
+            out.status.success(),
+            "rclone {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    rclone(&["mkdir", "sov:rclone"]);
+    rclone(&["copy", tree.to_str().unwrap(), "sov:rclone/tree"]);
+    rclone(&["check", tree.to_str().unwrap(), "sov:rclone/tree"]);
+    rclone(&[
+        "check",
+        "--download",
+        tree.to_str().unwrap(),
+        "sov:rclone/tree",
+    ]);
+    println!("rclone: copy, check, check --download");
+
+    // s3cmd: mb, put, get, ls.
+    let host = up.endpoint.trim_start_matches("http://").to_string();
+    let s3cmd = |args: &[&str]| {
+        let out = Command::new("s3cmd")
+            .args([
+                "-c",
+                "/dev/null",
+                "--no-ssl",
+                &format!("--host={host}"),
+                &format!("--host-bucket={host}"),
+                &format!("--access_key={}", up.access_key),
+                &format!("--secret_key={}", up.secret_key),
+                "--region=us-east-1",
+            ])
+            .args(args)
+            .output()
+            .expect("run s3cmd");
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "s3cmd {args:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    s3cmd(&["mb", "s3://s3cmd"]);
+    let z = tree.join("z.bin");
+    s3cmd(&["put", z.to_str().unwrap(), "s3://s3cmd/z.bin"]);
+    let got = dir.path().join("z.s3cmd");
+    s3cmd(&["get", "s3://s3cmd/z.bin", got.to_str().unwrap()]);
+    assert!(std::fs::read(&got).unwrap() == std::fs::read(&z).unwrap());
+    let ls = s3cmd(&["ls", "s3://s3cmd/"]);
+    assert!(ls.contains("s3://s3cmd/z.bin"), "{ls}");
+    println!("s3cmd: mb, put, get, ls");
+
     // boto3.
     let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/boto3_suite.py");
     let out = Command::new("python3")

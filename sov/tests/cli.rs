@@ -193,6 +193,8 @@ fn sov_up_starts_and_stops_a_cluster() {
         .args(["--metrics-base-port", &(base + 100).to_string()])
         .args(["--metad-port", &(base + 200).to_string()])
         .args(["--metad-metrics-port", &(base + 201).to_string()])
+        .args(["--s3-port", &(base + 202).to_string()])
+        .args(["--gateway-metrics-port", &(base + 203).to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -212,14 +214,33 @@ fn sov_up_starts_and_stops_a_cluster() {
     }
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cluster).unwrap()).unwrap();
     let procs = v["processes"].as_array().unwrap();
-    assert_eq!(procs.len(), 4);
+    assert_eq!(procs.len(), 5);
     assert_eq!(procs[0]["name"], "metad-1");
     assert_eq!(procs[1]["name"], "storaged-1");
     assert_eq!(procs[3]["zone"], "zone-3");
+    assert_eq!(procs[4]["name"], "gateway-s3");
+    assert!(
+        v["s3_endpoint"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://127.0.0.1:")
+    );
+    assert!(!v["access_key"].as_str().unwrap().is_empty());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&cluster).unwrap().permissions(),
+    );
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "cluster.json holds the root secret: owner only"
+    );
     for url in v["metrics"].as_array().unwrap() {
-        let m = http_get(url.as_str().unwrap()).unwrap();
+        let url = url.as_str().unwrap();
+        let m = http_get(url).unwrap();
         assert!(
-            m.contains("storaged_disk_free_bytes") || m.contains("metad_raft_term"),
+            m.contains("storaged_disk_free_bytes")
+                || m.contains("metad_raft_term")
+                || url.ends_with(&format!(":{}/metrics", base + 203)),
             "{url}"
         );
     }
