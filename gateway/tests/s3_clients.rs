@@ -260,6 +260,43 @@ fn aws_cli_and_boto3_against_sov_up() {
     assert!(ls.contains("s3://s3cmd/z.bin"), "{ls}");
     println!("s3cmd: mb, put, get, ls");
 
+    // A second gateway beside the first: stateless, it serves the same objects.
+    let ready = dir.path().join("gw2-ready.json");
+    let mut gw2 = Process::spawn(
+        "gateway-2",
+        &bin_path("gateway-s3"),
+        &[
+            "--listen".to_string(),
+            "127.0.0.1:0".into(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+            "--metad".into(),
+            up.metad.clone(),
+            "--ready-file".into(),
+            ready.display().to_string(),
+        ],
+        &dir.path().join("gw2.log"),
+    )
+    .expect("start a second gateway");
+    let r: serde_json::Value =
+        sov_testkit::wait_ready(&mut gw2, &ready, Duration::from_secs(60)).expect("gateway 2");
+    let second = Up {
+        proc: gw2,
+        endpoint: format!("http://{}", r["listen"].as_str().unwrap()),
+        access_key: up.access_key.clone(),
+        secret_key: up.secret_key.clone(),
+        metad: up.metad.clone(),
+        gateway_metrics: String::new(),
+    };
+    let got = dir.path().join("z.gw2");
+    second.aws(&["s3", "cp", "s3://s3cmd/z.bin", got.to_str().unwrap()]);
+    assert!(std::fs::read(&got).unwrap() == std::fs::read(&z).unwrap());
+    second.aws(&["s3", "cp", got.to_str().unwrap(), "s3://s3cmd/from-gw2"]);
+    let ls = up.aws(&["s3", "ls", "s3://s3cmd/"]);
+    assert!(ls.contains("from-gw2"), "{ls}");
+    drop(second);
+    println!("a second gateway serves the same objects");
+
     // boto3.
     let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/boto3_suite.py");
     let out = Command::new("python3")

@@ -151,6 +151,11 @@ async fn leader_kills_lose_no_acknowledged_write() {
             before > 0,
             "round {round}: no write acknowledged before the kill"
         );
+        let last_at_kill = cluster.members[leader]
+            .status()
+            .await
+            .map(|s| s.last_log_index)
+            .unwrap_or(0);
         cluster.members[leader].proc.kill9();
         killed.push(leader);
         let killed_at = Instant::now();
@@ -180,9 +185,25 @@ async fn leader_kills_lose_no_acknowledged_write() {
             took,
             new_leader + 1
         );
-        // Let the others run on without it for a while (many snapshots' worth of log, so the
-        // entries it lacks are purged and it must catch up by snapshot).
-        tokio::time::sleep(Duration::from_millis(3000)).await;
+        // Let the others run on without it until a snapshot covers more than it has and the
+        // log before that is purged, so it must catch up by snapshot (at least 3 s; by
+        // entries, not time, so a slow machine does not make this pass by luck or fail).
+        let away = Instant::now();
+        loop {
+            let snap = cluster.members[new_leader]
+                .status()
+                .await
+                .map(|s| s.snapshot_index)
+                .unwrap_or(0);
+            if away.elapsed() >= Duration::from_secs(3) && snap > last_at_kill + 80 {
+                break;
+            }
+            assert!(
+                away.elapsed() < Duration::from_secs(90),
+                "round {round}: no snapshot past index {last_at_kill} within 90 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         cluster.members[leader]
             .restart()
             .expect("restart killed member");
@@ -250,7 +271,7 @@ async fn leader_kills_lose_no_acknowledged_write() {
         );
         assert!(
             installed >= 1.0,
-            "member {} came back after ~3s away but caught up without a snapshot",
+            "member {} came back after its log was purged but caught up without a snapshot",
             m.id
         );
     }
