@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: up build test deps test-deps fmt clippy unit metrics-check bench-smoke bench bench-metad bench-quick clean
+.PHONY: up build test deps test-deps fmt clippy unit metrics-check bench-smoke bench bench-metad bench-quick bench-s3 clean
 
 deps:
 	./scripts/install-deps.sh
@@ -37,6 +37,9 @@ bench-smoke:
 	$(TARGET_DIR)/debug/sov-bench codec --quick
 	$(TARGET_DIR)/debug/sov-bench datapath --quick
 	$(TARGET_DIR)/debug/sov-bench recovery --quick
+	python3 benchmarks/s3/s3_bench.py --quick --sov-bin $(TARGET_DIR)/debug/sov \
+	  --s3s-fs $$(command -v s3s-fs || echo $$HOME/.cargo/bin/s3s-fs) \
+	  --sov-bench $(TARGET_DIR)/debug/sov-bench --list-keys 2000
 
 ## Installs what the tests need, then every gate: fmt, clippy, tests, promtool, bench smoke.
 test: test-deps fmt clippy unit metrics-check bench-smoke
@@ -50,6 +53,16 @@ bench: deps
 	$(TARGET_DIR)/release/sov-bench codec
 	$(TARGET_DIR)/release/sov-bench datapath
 	$(TARGET_DIR)/release/sov-bench recovery
+	$(MAKE) bench-s3
+
+## The S3 endpoint against s3s-fs (64 MiB and 4 KiB objects, concurrency 1 and 32) and the
+## listing rate of a bucket of a million keys.
+bench-s3:
+	./scripts/install-deps.sh --test
+	$(CARGO) build --release --workspace --bins
+	python3 benchmarks/s3/s3_bench.py --sov-bin $(TARGET_DIR)/release/sov \
+	  --s3s-fs $$(command -v s3s-fs || echo $$HOME/.cargo/bin/s3s-fs) \
+	  --sov-bench $(TARGET_DIR)/release/sov-bench --list-keys 1000000
 
 ## metad against etcd (three members each, loopback).
 bench-metad:

@@ -36,6 +36,10 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 if [[ "${1:-}" == "--test" ]] && ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
+# The S3 benchmark's baseline (its quick run is part of the tests): a single-node S3 server.
+if [[ "${1:-}" == "--test" ]] && ! command -v s3s-fs >/dev/null && [[ ! -x "$HOME/.cargo/bin/s3s-fs" ]]; then
+  cargo install s3s-fs@0.14.1 --features binary --locked
+fi
 # The S3 tests drive the gateway with the aws cli and boto3 (from PyPI, into the python3 on
 # PATH; Debian's own python3 gets pip first).
 if [[ "${1:-}" == "--test" ]] && ! python3 -c "import boto3, awscli" >/dev/null 2>&1; then

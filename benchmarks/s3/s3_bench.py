@@ -121,6 +121,8 @@ def main():
     ap.add_argument("--sov-bin", required=True)
     ap.add_argument("--s3s-fs", required=True)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sov-bench", help="sov-bench binary; with --list-keys, measures listing")
+    ap.add_argument("--list-keys", type=int, default=0, help="keys in the listing benchmark")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="sov-s3-bench-")
     procs = []
@@ -152,6 +154,27 @@ def main():
             s3.create_bucket(Bucket="bench")
             print(f"running against {name} ...", file=sys.stderr, flush=True)
             results[name] = workload(s3, "bench", args.quick, name)
+        if args.list_keys and args.sov_bench:
+            s3 = targets["sov"]
+            s3.create_bucket(Bucket="listing")
+            subprocess.run([args.sov_bench, "fill-index", "--metad", c["metad_endpoints"][0],
+                            "--bucket", "listing", "--keys", str(args.list_keys)], check=True)
+            t = time.perf_counter()
+            n, token = 0, None
+            while True:
+                kw = {"Bucket": "listing", "MaxKeys": 1000}
+                if token:
+                    kw["ContinuationToken"] = token
+                p = s3.list_objects_v2(**kw)
+                n += p.get("KeyCount", 0)
+                if not p["IsTruncated"]:
+                    break
+                token = p["NextContinuationToken"]
+            secs = time.perf_counter() - t
+            if n != args.list_keys:
+                raise RuntimeError(f"listed {n} keys, filled {args.list_keys}")
+            print(f"listing: {n} keys in {secs:.1f} s through ListObjectsV2 (1000 per page): "
+                  f"{n / secs:.0f} objects/s")
         print("| object | conc | op | sov | s3s-fs | sov / s3s-fs | sov p50 / p99 ms | s3s-fs p50 / p99 ms |")
         print("|---|---:|---|---:|---:|---:|---:|---:|")
         for (obj, conc), r in results["sov"].items():

@@ -3,6 +3,7 @@
 
 mod codec;
 mod datapath;
+mod fill;
 mod metad;
 mod payload;
 mod rawdisk;
@@ -38,6 +39,8 @@ enum Command {
     Datapath(datapath::Args),
     /// Time to restore full redundancy after a node holding N GiB is lost.
     Recovery(datapath::RecoveryArgs),
+    /// Writes N empty object records into metad's index (set-up of the S3 listing benchmark).
+    FillIndex(fill::Args),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         Command::Codec(args) => codec::run(args),
         Command::Datapath(args) => datapath::run(args),
         Command::Recovery(args) => datapath::run_recovery(args),
+        Command::FillIndex(args) => fill::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

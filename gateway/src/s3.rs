@@ -100,6 +100,34 @@ struct Expect {
     value: Option<String>,
 }
 
+impl Expect {
+    /// Nothing to check (copies: the source was verified on read).
+    fn none() -> Expect {
+        Expect {
+            content_md5: None,
+            algorithm: None,
+            value: None,
+        }
+    }
+}
+
+/// The checks a body must pass, from an input with S3's checksum fields (PutObject, UploadPart).
+macro_rules! expect_of {
+    ($i:expr) => {
+        expectations(
+            &$i.content_md5,
+            &$i.checksum_algorithm,
+            [
+                ("CRC32", &$i.checksum_crc32),
+                ("CRC32C", &$i.checksum_crc32c),
+                ("CRC64NVME", &$i.checksum_crc64nvme),
+                ("SHA1", &$i.checksum_sha1),
+                ("SHA256", &$i.checksum_sha256),
+            ],
+        )
+    };
+}
+
 fn expectations(
     content_md5: &Option<String>,
     algorithm: &Option<ChecksumAlgorithm>,
@@ -658,17 +686,7 @@ impl S3 for Gateway {
                 Err(e) => return Err(client_err(e)),
             }
         }
-        let exp = expectations(
-            &i.content_md5,
-            &i.checksum_algorithm,
-            [
-                ("CRC32", &i.checksum_crc32),
-                ("CRC32C", &i.checksum_crc32c),
-                ("CRC64NVME", &i.checksum_crc64nvme),
-                ("SHA1", &i.checksum_sha1),
-                ("SHA256", &i.checksum_sha256),
-            ],
-        );
+        let exp = expect_of!(i);
         let body = i
             .body
             .take()
@@ -889,11 +907,7 @@ impl S3 for Gateway {
             Some(c) => self.placement(Some(c), &b)?,
             None => self.placement(None, &b)?,
         };
-        let exp = Expect {
-            content_md5: None,
-            algorithm: None,
-            value: None,
-        };
+        let exp = Expect::none();
         let (w, checked) = self
             .write(
                 &pool,
@@ -1133,17 +1147,7 @@ impl S3 for Gateway {
         }
         let u = self.upload(&i.bucket, &i.key, &i.upload_id).await?;
         let b = self.bucket(&i.bucket).await?;
-        let exp = expectations(
-            &i.content_md5,
-            &i.checksum_algorithm,
-            [
-                ("CRC32", &i.checksum_crc32),
-                ("CRC32C", &i.checksum_crc32c),
-                ("CRC64NVME", &i.checksum_crc64nvme),
-                ("SHA1", &i.checksum_sha1),
-                ("SHA256", &i.checksum_sha256),
-            ],
-        );
+        let exp = expect_of!(i);
         let body = i
             .body
             .take()
@@ -1220,11 +1224,7 @@ impl S3 for Gateway {
             .copy_source(caller.as_deref(), &i.copy_source, range, conds)
             .await?;
         let len = range.map(|(s, e)| e - s).unwrap_or(src.size);
-        let exp = Expect {
-            content_md5: None,
-            algorithm: None,
-            value: None,
-        };
+        let exp = Expect::none();
         let (w, checked) = self
             .write(
                 &u.pool,
