@@ -747,7 +747,6 @@ impl Client {
                 .unwrap_or(false)
         };
         let mut shards: Vec<Option<Bytes>> = vec![None; w];
-        let mut tried = vec![false; w];
         let mut bad_members: Vec<usize> = Vec::new();
         // Fetch positions from their slot's node, in waves: data first, then parity as needed.
         let mut next_pos = 0usize;
@@ -760,7 +759,6 @@ impl Client {
             while wave.len() < k - have && next_pos < w {
                 let p = next_pos;
                 next_pos += 1;
-                tried[p] = true;
                 if let Some(n) = &slots[p]
                     && view.is_up(n)
                     && !nodes.is_suspect(n)
@@ -830,7 +828,6 @@ impl Client {
                 "chunk {cid}: decoded stripe does not match the manifest"
             )));
         }
-        let _ = tried;
         if self.inner.cfg.read_repair && !bad_members.is_empty() {
             let this = self.clone();
             let slots = slots.to_vec();

@@ -51,13 +51,12 @@ fn metric_sum(cl: &DataCluster, name: &str, labels: &str) -> f64 {
         .sum()
 }
 
-async fn corrupt_total(cl: &DataCluster, c: &sov_client::Client) -> usize {
+async fn corrupt_total(c: &sov_client::Client) -> usize {
     let view = c.map().refresh(0).await.unwrap();
     let mut n = 0;
     for node in view.up_nodes() {
         n += c.nodes().list_corrupt(&node.addr).await.unwrap().len();
     }
-    let _ = cl;
     n
 }
 
@@ -104,7 +103,7 @@ async fn flipped_bytes_never_reach_a_reader_and_scrub_heals_them() {
     loop {
         let found = metric_sum(&cl, "storaged_corrupt_chunks_found_total", "scrub");
         let healed = metric_sum(&cl, "storaged_repair_chunks_total", "heal");
-        let open = corrupt_total(&cl, &c).await;
+        let open = corrupt_total(&c).await;
         if found > 0.0 && healed > 0.0 && open == 0 {
             println!(
                 "round 1: {flipped} bytes flipped, scrub found {found} bad chunks, recovery healed {healed}"
@@ -127,9 +126,7 @@ async fn flipped_bytes_never_reach_a_reader_and_scrub_heals_them() {
     let n = l.verify(&c).await;
     println!("round 2: {n} objects read back correct over flipped bytes");
     let deadline = Instant::now() + Duration::from_secs(120);
-    while corrupt_total(&cl, &c).await > 0
-        || metric_sum(&cl, "storaged_scrub_passes_total", "") < 12.0
-    {
+    while corrupt_total(&c).await > 0 || metric_sum(&cl, "storaged_scrub_passes_total", "") < 12.0 {
         assert!(Instant::now() < deadline, "corrupt chunks left");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -141,7 +138,7 @@ async fn flipped_bytes_never_reach_a_reader_and_scrub_heals_them() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert_eq!(
-        corrupt_total(&cl, &c).await,
+        corrupt_total(&c).await,
         0,
         "scrub found damage left after healing"
     );
@@ -155,7 +152,7 @@ async fn stored_ids(c: &sov_client::Client, bucket: &str, key: &str) -> Vec<Stri
     manifest::stored_ids(&manifest::decode(&v.manifest).expect("manifest"))
 }
 
-async fn holders(cl: &DataCluster, c: &sov_client::Client, ids: &[String]) -> BTreeSet<String> {
+async fn holders(c: &sov_client::Client, ids: &[String]) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     let view = c.map().refresh(0).await.unwrap();
     for n in view.up_nodes() {
@@ -165,7 +162,6 @@ async fn holders(cl: &DataCluster, c: &sov_client::Client, ids: &[String]) -> BT
             }
         }
     }
-    let _ = cl;
     out
 }
 
@@ -186,7 +182,7 @@ async fn deletes_reach_a_node_that_was_down() {
             freed.extend(stored_ids(&c, b, k).await);
         }
     }
-    assert!(!holders(&cl, &c, &freed).await.is_empty());
+    assert!(!holders(&c, &freed).await.is_empty());
 
     // n1 is down while objects are deleted and overwritten.
     cl.nodes[0].kill9();
@@ -207,7 +203,7 @@ async fn deletes_reach_a_node_that_was_down() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(
-        holders(&cl, &c, &freed).await.is_empty(),
+        holders(&c, &freed).await.is_empty(),
         "live nodes still hold freed data"
     );
 
@@ -222,7 +218,7 @@ async fn deletes_reach_a_node_that_was_down() {
         assert!(Instant::now() < deadline, "tombstones left: {t:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let left = holders(&cl, &c, &freed).await;
+    let left = holders(&c, &freed).await;
     assert!(left.is_empty(), "freed data still stored: {left:?}");
     wait_clean(&c, Duration::from_secs(60)).await;
     let freed_metric = metric_sum(&cl, "storaged_tombstone_deletes_total", "");

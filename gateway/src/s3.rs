@@ -503,6 +503,17 @@ fn check_read_conditions(
     Ok(())
 }
 
+/// The bytes `[start, end)` a Range asks of an object of `size`, and the Content-Range to
+/// answer with (none for the whole object or an empty range).
+fn byte_range(range: &Option<Range>, size: u64) -> S3Result<(u64, u64, Option<String>)> {
+    let Some(r) = range else {
+        return Ok((0, size, None));
+    };
+    let r = r.check(size)?;
+    let cr = (r.start < r.end).then(|| format!("bytes {}-{}/{}", r.start, r.end - 1, size));
+    Ok((r.start, r.end, cr))
+}
+
 fn class_of(v: &pb::ObjectVersion) -> String {
     if v.storage_class.is_empty() {
         "STANDARD".into()
@@ -749,18 +760,7 @@ impl S3 for Gateway {
             &i.if_modified_since,
             &i.if_unmodified_since,
         )?;
-        let (start, end, content_range) = match &i.range {
-            Some(r) => {
-                let r = r.check(v.size)?;
-                let cr = if r.start < r.end {
-                    Some(format!("bytes {}-{}/{}", r.start, r.end - 1, v.size))
-                } else {
-                    None
-                };
-                (r.start, r.end, cr)
-            }
-            None => (0, v.size, None),
-        };
+        let (start, end, content_range) = byte_range(&i.range, v.size)?;
         let m = manifest::decode(&v.manifest).map_err(|e| s3_error!(InternalError, "{e}"))?;
         let reader = self
             .client
@@ -795,17 +795,9 @@ impl S3 for Gateway {
             &i.if_modified_since,
             &i.if_unmodified_since,
         )?;
-        let mut len = v.size;
-        let mut content_range = None;
-        if let Some(r) = &i.range {
-            let r = r.check(v.size)?;
-            len = r.end - r.start;
-            if r.start < r.end {
-                content_range = Some(format!("bytes {}-{}/{}", r.start, r.end - 1, v.size));
-            }
-        }
+        let (start, end, content_range) = byte_range(&i.range, v.size)?;
         Ok(S3Response::new(HeadObjectOutput {
-            content_length: Some(len as i64),
+            content_length: Some((end - start) as i64),
             content_range,
             content_type: Some(content_type_of(&v)),
             e_tag: Some(strong(&v.etag)),
@@ -903,10 +895,7 @@ impl S3 for Gateway {
         let (src, reader) = self
             .copy_source(caller.as_deref(), &i.copy_source, None, conds)
             .await?;
-        let (pool, class) = match &i.storage_class {
-            Some(c) => self.placement(Some(c), &b)?,
-            None => self.placement(None, &b)?,
-        };
+        let (pool, class) = self.placement(i.storage_class.as_ref(), &b)?;
         let exp = Expect::none();
         let (w, checked) = self
             .write(
@@ -944,7 +933,7 @@ impl S3 for Gateway {
         Ok(S3Response::new(CopyObjectOutput {
             copy_object_result: Some(CopyObjectResult {
                 e_tag: Some(strong(&r.object.etag)),
-                last_modified: Some(ts(r.object.modified_unix_ms.max(now_ms() / 1000 * 1000))),
+                last_modified: Some(ts(r.object.modified_unix_ms)),
                 ..Default::default()
             }),
             server_side_encryption: sse(),

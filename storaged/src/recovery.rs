@@ -141,7 +141,7 @@ impl Recovery {
     }
 
     async fn start_pass(&mut self, view: Arc<View>) -> anyhow::Result<()> {
-        let tombs = self.tombstones(&view).await?;
+        let tombs = self.tombstones().await?;
         let corrupt: HashSet<String> = self.store.corrupt()?.into_iter().map(|c| c.0).collect();
         let mut pgs = Vec::new();
         for p in view.pools.values() {
@@ -193,7 +193,7 @@ impl Recovery {
 
     /// Lists tombstones; frees the due ones here and acknowledges those naming this node.
     /// Returns every tombstoned `(pool, uid)`, due or not, so the pass copies none of them.
-    async fn tombstones(&self, view: &View) -> anyhow::Result<HashSet<(u64, String)>> {
+    async fn tombstones(&self) -> anyhow::Result<HashSet<(u64, String)>> {
         let all = self.cluster.meta.all_tombstones().await?;
         let now = unix_ms();
         let mut set = HashSet::new();
@@ -229,7 +229,6 @@ impl Recovery {
                     .await?;
             }
         }
-        let _ = view;
         Ok(set)
     }
 
