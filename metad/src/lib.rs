@@ -19,6 +19,7 @@ pub mod network;
 pub mod service;
 pub mod store;
 pub mod tables;
+pub mod volumes;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -455,3 +455,10 @@ mod tests {
         assert_eq!(l, Listing::default());
     }
 }
+
+pub const VOLUME_PREFIX: &[u8] = b"vol/";
+
+/// `vol/<name>`: a block volume with its snapshots, lease and attachment.
+pub fn volume_key(name: &str) -> Vec<u8> {
+    key(VOLUME_PREFIX, name)
+}

@@ -164,6 +164,17 @@ impl Io {
         .map(|_| ())
     }
 
+    /// Writes every buffer from an async task; at most [`MAX_IOVECS`] buffers.
+    pub async fn write(&self, file: Arc<File>, offset: u64, bufs: Vec<Bytes>) -> io::Result<()> {
+        debug_assert!(bufs.len() <= MAX_IOVECS);
+        Self::finish(self.submit(IoOp::Write { file, offset, bufs }).await).map(|_| ())
+    }
+
+    /// fdatasync from an async task.
+    pub async fn sync(&self, file: Arc<File>) -> io::Result<()> {
+        Self::finish(self.submit(IoOp::Sync { file }).await).map(|_| ())
+    }
+
     /// fdatasync from a plain thread.
     pub fn sync_blocking(&self, file: Arc<File>) -> io::Result<()> {
         Self::finish(self.submit(IoOp::Sync { file }).blocking_recv()).map(|_| ())

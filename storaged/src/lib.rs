@@ -12,6 +12,7 @@ pub mod compaction;
 pub mod config;
 pub mod disk;
 pub mod error;
+pub mod extents;
 pub mod index;
 pub mod io;
 pub mod metrics;
@@ -31,6 +32,7 @@ use std::time::Duration;
 use anyhow::Context;
 use sov_common::shutdown::{self, Shutdown};
 use sov_proto::storaged::chunk_store_server::ChunkStoreServer;
+use sov_proto::storaged::extent_store_server::ExtentStoreServer;
 use tokio::net::TcpListener;
 
 use crate::config::{IoEngineChoice, StoragedConfig};
@@ -98,6 +100,11 @@ pub async fn run(
         disks.push(Arc::new(disk));
     }
     let store = Arc::new(Store::new(disks, cfg.max_chunk_size.0));
+    let extents_root = cfg.disks.first().context("no disk")?.join("extents");
+    let extents = Arc::new(
+        extents::Extents::open(&extents_root, io.clone())
+            .with_context(|| format!("opening {}", extents_root.display()))?,
+    );
     let grpc_addr = listeners.grpc.local_addr()?;
     let metrics_addr = listeners.metrics.local_addr()?;
     let ident = NodeIdent {
@@ -172,7 +179,8 @@ pub async fn run(
                 metrics.clone(),
                 recovery_info.clone(),
                 cursor,
-            );
+            )
+            .with_extents(extents.clone());
             tasks.spawn(sov_common::worker::run(
                 w,
                 workers_sd.clone(),
@@ -217,6 +225,11 @@ pub async fn run(
             // on a round trip per 64 KiB.
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(64 << 20))
+            .add_service(
+                ExtentStoreServer::new(service::ExtentService::new(extents, metrics.clone()))
+                    .max_decoding_message_size(8 << 20)
+                    .max_encoding_message_size(8 << 20),
+            )
             .add_service(
                 ChunkStoreServer::new(svc)
                     .max_decoding_message_size(8 << 20)

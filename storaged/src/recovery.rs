@@ -91,9 +91,16 @@ pub struct Recovery {
     pass: Option<Pass>,
     last_epoch: u64,
     last_end: Option<Instant>,
+    extents: Option<Arc<crate::extents::Extents>>,
 }
 
 impl Recovery {
+    /// Volume tombstones free extents here too.
+    pub fn with_extents(mut self, x: Arc<crate::extents::Extents>) -> Recovery {
+        self.extents = Some(x);
+        self
+    }
+
     pub fn new(
         cluster: Arc<Cluster>,
         store: Arc<Store>,
@@ -120,6 +127,7 @@ impl Recovery {
             pass: None,
             last_epoch: 0,
             last_end: None,
+            extents: None,
         }
     }
 
@@ -198,6 +206,21 @@ impl Recovery {
         let now = unix_ms();
         let mut set = HashSet::new();
         for t in all {
+            if !t.volume_id.is_empty() {
+                if t.not_before_unix_ms <= now {
+                    if let Some(x) = &self.extents {
+                        let freed = if t.snap_upto == 0 {
+                            x.delete_volume(&t.volume_id).await?
+                        } else {
+                            x.trim_snapshots(&t.volume_id, t.snap_upto, &t.live_snaps)
+                                .await?
+                        };
+                        self.metrics.tombstone_deletes.inc_by(freed as u64);
+                    }
+                    self.ack_tombstone(&t).await?;
+                }
+                continue;
+            }
             let Ok(m) = manifest::decode(&t.manifest) else {
                 continue;
             };
@@ -215,21 +238,26 @@ impl Recovery {
             }
             self.metrics.tombstone_deletes.inc_by(freed);
             self.info.lock().expect("info lock").tombstone_deletes += freed;
-            if t.pending.iter().any(|n| n == self.me()) {
-                let req = AckTombstoneRequest {
-                    id: t.id.clone(),
-                    node_id: self.me().to_string(),
-                };
-                self.cluster
-                    .meta
-                    .call(|mut c| {
-                        let req = req.clone();
-                        async move { c.ack_tombstone(req).await }
-                    })
-                    .await?;
-            }
+            self.ack_tombstone(&t).await?;
         }
         Ok(set)
+    }
+
+    async fn ack_tombstone(&self, t: &sov_proto::metad::Tombstone) -> anyhow::Result<()> {
+        if t.pending.iter().any(|n| n == self.me()) {
+            let req = AckTombstoneRequest {
+                id: t.id.clone(),
+                node_id: self.me().to_string(),
+            };
+            self.cluster
+                .meta
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.ack_tombstone(req).await }
+                })
+                .await?;
+        }
+        Ok(())
     }
 
     /// Every up node's holdings in one pool, by PG (this node's from its own index).

@@ -448,3 +448,113 @@ impl ChunkStore for ChunkService {
         }))
     }
 }
+
+/// The gRPC `ExtentStore` service over [`Extents`](crate::extents::Extents).
+pub struct ExtentService {
+    extents: Arc<crate::extents::Extents>,
+    metrics: Metrics,
+}
+
+impl ExtentService {
+    pub fn new(extents: Arc<crate::extents::Extents>, metrics: Metrics) -> ExtentService {
+        ExtentService { extents, metrics }
+    }
+
+    fn done<T>(&self, op: &str, start: Instant, r: Result<T, Status>) -> Result<Response<T>, Status> {
+        let code = match &r {
+            Ok(_) => "OK".to_string(),
+            Err(s) => format!("{:?}", s.code()),
+        };
+        self.metrics.requests.with_label_values(&[op, &code]).inc();
+        self.metrics
+            .request_seconds
+            .with_label_values(&[op])
+            .observe(start.elapsed().as_secs_f64());
+        r.map(Response::new)
+    }
+}
+
+#[tonic::async_trait]
+impl sov_proto::storaged::extent_store_server::ExtentStore for ExtentService {
+    async fn write_extent(
+        &self,
+        req: Request<pb::WriteExtentRequest>,
+    ) -> Result<Response<pb::WriteExtentResponse>, Status> {
+        let start = Instant::now();
+        let r = req.into_inner();
+        let n = r.data.len() as u64;
+        let out = self.extents.write(r).await;
+        if out.is_ok() {
+            self.metrics.received_bytes.inc_by(n);
+        }
+        self.done(
+            "WriteExtent",
+            start,
+            out.map(|applied| pb::WriteExtentResponse { applied }),
+        )
+    }
+
+    async fn read_extent(
+        &self,
+        req: Request<pb::ReadExtentRequest>,
+    ) -> Result<Response<pb::ReadExtentResponse>, Status> {
+        let start = Instant::now();
+        let out = self.extents.read(req.into_inner()).await;
+        if let Ok(r) = &out {
+            self.metrics.sent_bytes.inc_by(r.data.len() as u64);
+        }
+        self.done("ReadExtent", start, out)
+    }
+
+    async fn flush_volume(
+        &self,
+        req: Request<pb::FlushVolumeRequest>,
+    ) -> Result<Response<pb::FlushVolumeResponse>, Status> {
+        let start = Instant::now();
+        let out = self.extents.flush(&req.get_ref().volume_id).await;
+        self.done(
+            "FlushVolume",
+            start,
+            out.map(|extents| pb::FlushVolumeResponse { extents }),
+        )
+    }
+
+    async fn list_extents(
+        &self,
+        req: Request<pb::ListExtentsRequest>,
+    ) -> Result<Response<pb::ListExtentsResponse>, Status> {
+        let start = Instant::now();
+        let out = self.extents.list(&req.get_ref().volume_id).await;
+        self.done(
+            "ListExtents",
+            start,
+            out.map(|extents| pb::ListExtentsResponse { extents }),
+        )
+    }
+
+    async fn fence_volume(
+        &self,
+        req: Request<pb::FenceVolumeRequest>,
+    ) -> Result<Response<pb::FenceVolumeResponse>, Status> {
+        let start = Instant::now();
+        let out = self.extents.fence_volume(req.into_inner()).await;
+        self.done(
+            "FenceVolume",
+            start,
+            out.map(|fence| pb::FenceVolumeResponse { fence }),
+        )
+    }
+
+    async fn put_snap_copy(
+        &self,
+        req: Request<pb::PutSnapCopyRequest>,
+    ) -> Result<Response<pb::WriteExtentResponse>, Status> {
+        let start = Instant::now();
+        let out = self.extents.put_copy(req.into_inner()).await;
+        self.done(
+            "PutSnapCopy",
+            start,
+            out.map(|applied| pb::WriteExtentResponse { applied }),
+        )
+    }
+}
