@@ -17,6 +17,7 @@ pub mod meta;
 pub mod nodes;
 pub mod object;
 pub mod pgcheck;
+pub mod volume;
 
 pub use error::ClientError;
 pub use object::{Client, ClientConfig, ObjectReader, PutOptions, PutResult, Written};

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use sov_proto::storaged as pb;
 use sov_proto::storaged::chunk_store_client::ChunkStoreClient;
+use sov_proto::storaged::extent_store_client::ExtentStoreClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -44,7 +45,7 @@ impl Deadlines {
 
 /// Storage node connections by address.
 pub struct Nodes {
-    channels: Mutex<HashMap<String, ChunkStoreClient<Channel>>>,
+    channels: Mutex<HashMap<String, Channel>>,
     suspects: Mutex<HashMap<String, Instant>>,
     pub deadlines: Deadlines,
 }
@@ -68,7 +69,7 @@ impl Nodes {
         }
     }
 
-    fn client(&self, addr: &str) -> Result<ChunkStoreClient<Channel>, Status> {
+    fn channel(&self, addr: &str) -> Result<Channel, Status> {
         let mut ch = self.channels.lock().expect("channels lock");
         if let Some(c) = ch.get(addr) {
             return Ok(c.clone());
@@ -87,11 +88,31 @@ impl Nodes {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .connect_lazy();
-        let c = ChunkStoreClient::new(channel)
+        ch.insert(addr.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    fn client(&self, addr: &str) -> Result<ChunkStoreClient<Channel>, Status> {
+        Ok(ChunkStoreClient::new(self.channel(addr)?)
             .max_decoding_message_size(16 << 20)
-            .max_encoding_message_size(16 << 20);
-        ch.insert(addr.to_string(), c.clone());
-        Ok(c)
+            .max_encoding_message_size(16 << 20))
+    }
+
+    /// The node's extent service (block volumes), on the same connection.
+    pub fn extents(&self, addr: &str) -> Result<ExtentStoreClient<Channel>, Status> {
+        Ok(ExtentStoreClient::new(self.channel(addr)?)
+            .max_decoding_message_size(16 << 20)
+            .max_encoding_message_size(16 << 20))
+    }
+
+    /// Runs `f` under the call deadline for `bytes` moved.
+    pub async fn with_deadline<T>(
+        &self,
+        bytes: u64,
+        what: &str,
+        f: impl Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        Self::deadline(self.deadlines.for_bytes(bytes), what, f).await
     }
 
     /// Marks a node as failing for a few seconds.

@@ -164,7 +164,7 @@ impl Client {
         &self.inner.nodes
     }
 
-    async fn data_key(&self, id: &str) -> Result<ChunkKey, ClientError> {
+    pub(crate) async fn data_key(&self, id: &str) -> Result<ChunkKey, ClientError> {
         if id.is_empty() {
             return Err(ClientError::Invalid(
                 "the bucket has no data key (metad runs without a master key), so its objects \

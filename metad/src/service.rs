@@ -1470,10 +1470,18 @@ impl Metad for MetadService {
         })
     }
 
-    async fn create_volume(&self, req: Request<CreateVolumeRequest>) -> Result<Response<Volume>, Status> {
-        handle!(self, req, "CreateVolume", create_volume, local_ok = false, {
-            MetadService::create_volume(self, req.into_inner()).await
-        })
+    async fn create_volume(
+        &self,
+        req: Request<CreateVolumeRequest>,
+    ) -> Result<Response<Volume>, Status> {
+        handle!(
+            self,
+            req,
+            "CreateVolume",
+            create_volume,
+            local_ok = false,
+            { MetadService::create_volume(self, req.into_inner()).await }
+        )
     }
 
     async fn get_volume(&self, req: Request<GetVolumeRequest>) -> Result<Response<Volume>, Status> {
@@ -1483,59 +1491,130 @@ impl Metad for MetadService {
         })
     }
 
-    async fn list_volumes(&self, req: Request<ListVolumesRequest>) -> Result<Response<ListVolumesResponse>, Status> {
+    async fn list_volumes(
+        &self,
+        req: Request<ListVolumesRequest>,
+    ) -> Result<Response<ListVolumesResponse>, Status> {
         let local = stale(req.get_ref().consistency);
         handle!(self, req, "ListVolumes", list_volumes, local_ok = local, {
             MetadService::list_volumes(self, req.into_inner()).await
         })
     }
 
-    async fn delete_volume(&self, req: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {
-        handle!(self, req, "DeleteVolume", delete_volume, local_ok = false, {
-            MetadService::delete_volume(self, req.into_inner()).await.map(|()| DeleteVolumeResponse {})
-        })
+    async fn delete_volume(
+        &self,
+        req: Request<DeleteVolumeRequest>,
+    ) -> Result<Response<DeleteVolumeResponse>, Status> {
+        handle!(
+            self,
+            req,
+            "DeleteVolume",
+            delete_volume,
+            local_ok = false,
+            {
+                MetadService::delete_volume(self, req.into_inner())
+                    .await
+                    .map(|()| DeleteVolumeResponse {})
+            }
+        )
     }
 
-    async fn resize_volume(&self, req: Request<ResizeVolumeRequest>) -> Result<Response<Volume>, Status> {
-        handle!(self, req, "ResizeVolume", resize_volume, local_ok = false, {
-            MetadService::resize_volume(self, req.into_inner()).await
-        })
+    async fn resize_volume(
+        &self,
+        req: Request<ResizeVolumeRequest>,
+    ) -> Result<Response<Volume>, Status> {
+        handle!(
+            self,
+            req,
+            "ResizeVolume",
+            resize_volume,
+            local_ok = false,
+            { MetadService::resize_volume(self, req.into_inner()).await }
+        )
     }
 
-    async fn create_snapshot(&self, req: Request<CreateSnapshotRequest>) -> Result<Response<Volume>, Status> {
-        handle!(self, req, "CreateSnapshot", create_snapshot, local_ok = false, {
-            MetadService::create_snapshot(self, req.into_inner()).await
-        })
+    async fn create_snapshot(
+        &self,
+        req: Request<CreateSnapshotRequest>,
+    ) -> Result<Response<Volume>, Status> {
+        handle!(
+            self,
+            req,
+            "CreateSnapshot",
+            create_snapshot,
+            local_ok = false,
+            { MetadService::create_snapshot(self, req.into_inner()).await }
+        )
     }
 
-    async fn delete_snapshot(&self, req: Request<DeleteSnapshotRequest>) -> Result<Response<Volume>, Status> {
-        handle!(self, req, "DeleteSnapshot", delete_snapshot, local_ok = false, {
-            MetadService::delete_snapshot(self, req.into_inner()).await
-        })
+    async fn delete_snapshot(
+        &self,
+        req: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<Volume>, Status> {
+        handle!(
+            self,
+            req,
+            "DeleteSnapshot",
+            delete_snapshot,
+            local_ok = false,
+            { MetadService::delete_snapshot(self, req.into_inner()).await }
+        )
     }
 
-    async fn acquire_volume_lease(&self, req: Request<VolumeLeaseRequest>) -> Result<Response<Volume>, Status> {
-        handle!(self, req, "AcquireVolumeLease", acquire_volume_lease, local_ok = false, {
-            MetadService::acquire_volume_lease(self, req.into_inner()).await
-        })
+    async fn acquire_volume_lease(
+        &self,
+        req: Request<VolumeLeaseRequest>,
+    ) -> Result<Response<Volume>, Status> {
+        handle!(
+            self,
+            req,
+            "AcquireVolumeLease",
+            acquire_volume_lease,
+            local_ok = false,
+            { MetadService::acquire_volume_lease(self, req.into_inner()).await }
+        )
     }
 
-    async fn renew_volume_lease(&self, req: Request<VolumeLeaseRequest>) -> Result<Response<Volume>, Status> {
-        handle!(self, req, "RenewVolumeLease", renew_volume_lease, local_ok = false, {
-            MetadService::renew_volume_lease(self, req.into_inner()).await
-        })
+    async fn renew_volume_lease(
+        &self,
+        req: Request<VolumeLeaseRequest>,
+    ) -> Result<Response<Volume>, Status> {
+        handle!(
+            self,
+            req,
+            "RenewVolumeLease",
+            renew_volume_lease,
+            local_ok = false,
+            { MetadService::renew_volume_lease(self, req.into_inner()).await }
+        )
     }
 
-    async fn release_volume_lease(&self, req: Request<VolumeLeaseRequest>) -> Result<Response<Volume>, Status> {
-        handle!(self, req, "ReleaseVolumeLease", release_volume_lease, local_ok = false, {
-            MetadService::release_volume_lease(self, req.into_inner()).await
-        })
+    async fn release_volume_lease(
+        &self,
+        req: Request<VolumeLeaseRequest>,
+    ) -> Result<Response<Volume>, Status> {
+        handle!(
+            self,
+            req,
+            "ReleaseVolumeLease",
+            release_volume_lease,
+            local_ok = false,
+            { MetadService::release_volume_lease(self, req.into_inner()).await }
+        )
     }
 
-    async fn set_volume_state(&self, req: Request<SetVolumeStateRequest>) -> Result<Response<Volume>, Status> {
-        handle!(self, req, "SetVolumeState", set_volume_state, local_ok = false, {
-            MetadService::set_volume_state(self, req.into_inner()).await
-        })
+    async fn set_volume_state(
+        &self,
+        req: Request<SetVolumeStateRequest>,
+    ) -> Result<Response<Volume>, Status> {
+        handle!(
+            self,
+            req,
+            "SetVolumeState",
+            set_volume_state,
+            local_ok = false,
+            { MetadService::set_volume_state(self, req.into_inner()).await }
+        )
     }
 
     async fn list_tombstones(
@@ -1631,7 +1710,10 @@ pub fn tomb_id(pool_id: u64, uid: &[u8]) -> String {
 
 impl MetadService {
     /// A fresh data key wrapped by the master key: its id, the key, and the record to store.
-    pub(crate) fn new_data_key(&self, purpose: &str) -> Result<(String, codec::ChunkKey, Vec<u8>), Status> {
+    pub(crate) fn new_data_key(
+        &self,
+        purpose: &str,
+    ) -> Result<(String, codec::ChunkKey, Vec<u8>), Status> {
         let master = self.core.master()?;
         let id = hex::encode(rand::random::<[u8; 16]>());
         let key = codec::ChunkKey::generate();

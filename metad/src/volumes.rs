@@ -39,6 +39,7 @@ fn transition_allowed(from: &str, to: &str) -> bool {
             | ("attaching", "available")
             | ("attaching", "error")
             | ("in-use", "detaching")
+            | ("in-use", "in-use")
             | ("in-use", "error")
             | ("detaching", "available")
             | ("detaching", "error")
@@ -147,12 +148,18 @@ impl MetadService {
                 return Ok(v);
             }
         }
-        Err(Status::aborted(format!("volume {name} kept changing; retry")))
+        Err(Status::aborted(format!(
+            "volume {name} kept changing; retry"
+        )))
     }
 
     pub(crate) async fn create_volume(&self, r: CreateVolumeRequest) -> Result<Volume, Status> {
         tables::validate_name("volume name", &r.name).map_err(Status::invalid_argument)?;
-        let tier = if r.tier.is_empty() { "standard" } else { &r.tier };
+        let tier = if r.tier.is_empty() {
+            "standard"
+        } else {
+            &r.tier
+        };
         let mut qos = tier_qos(tier).ok_or_else(|| {
             Status::invalid_argument(format!(
                 "unknown tier {tier:?}: performance, standard, hdd or archive"
@@ -322,8 +329,7 @@ impl MetadService {
             if !v.parent.is_empty() {
                 if let Some((praw, mut p)) = self.read_volume(&v.parent)? {
                     if p.id == v.parent_id {
-                        if let Some(s) = p.snapshots.iter_mut().find(|s| s.id == v.parent_snap_id)
-                        {
+                        if let Some(s) = p.snapshots.iter_mut().find(|s| s.id == v.parent_snap_id) {
                             s.clones = s.clones.saturating_sub(1);
                         }
                         checks.push((tables::volume_key(&v.parent), Check::Equals(praw)));
@@ -338,7 +344,10 @@ impl MetadService {
                 return Ok(());
             }
         }
-        Err(Status::aborted(format!("volume {} kept changing; retry", r.name)))
+        Err(Status::aborted(format!(
+            "volume {} kept changing; retry",
+            r.name
+        )))
     }
 
     pub(crate) async fn resize_volume(&self, r: ResizeVolumeRequest) -> Result<Volume, Status> {
@@ -423,11 +432,18 @@ impl MetadService {
         )))
     }
 
-    pub(crate) async fn acquire_volume_lease(&self, r: VolumeLeaseRequest) -> Result<Volume, Status> {
+    pub(crate) async fn acquire_volume_lease(
+        &self,
+        r: VolumeLeaseRequest,
+    ) -> Result<Volume, Status> {
         if r.holder.is_empty() {
             return Err(Status::invalid_argument("a lease needs a holder"));
         }
-        let ttl = if r.ttl_ms == 0 { DEFAULT_TTL_MS } else { r.ttl_ms };
+        let ttl = if r.ttl_ms == 0 {
+            DEFAULT_TTL_MS
+        } else {
+            r.ttl_ms
+        };
         self.update_volume(&r.name, |v| {
             let now = unix_ms();
             let l = v.lease.get_or_insert_with(Default::default);
@@ -449,7 +465,11 @@ impl MetadService {
     }
 
     pub(crate) async fn renew_volume_lease(&self, r: VolumeLeaseRequest) -> Result<Volume, Status> {
-        let ttl = if r.ttl_ms == 0 { DEFAULT_TTL_MS } else { r.ttl_ms };
+        let ttl = if r.ttl_ms == 0 {
+            DEFAULT_TTL_MS
+        } else {
+            r.ttl_ms
+        };
         self.update_volume(&r.name, |v| {
             let l = v.lease.get_or_insert_with(Default::default);
             if l.holder != r.holder || l.epoch != r.epoch {
@@ -464,7 +484,10 @@ impl MetadService {
         .await
     }
 
-    pub(crate) async fn release_volume_lease(&self, r: VolumeLeaseRequest) -> Result<Volume, Status> {
+    pub(crate) async fn release_volume_lease(
+        &self,
+        r: VolumeLeaseRequest,
+    ) -> Result<Volume, Status> {
         self.update_volume(&r.name, |v| {
             let l = v.lease.get_or_insert_with(Default::default);
             if l.holder == r.holder && l.epoch == r.epoch {
@@ -476,7 +499,10 @@ impl MetadService {
         .await
     }
 
-    pub(crate) async fn set_volume_state(&self, r: SetVolumeStateRequest) -> Result<Volume, Status> {
+    pub(crate) async fn set_volume_state(
+        &self,
+        r: SetVolumeStateRequest,
+    ) -> Result<Volume, Status> {
         if !STATES.contains(&r.to.as_str()) {
             return Err(Status::invalid_argument(format!(
                 "unknown volume state {:?}",

@@ -7,6 +7,7 @@ mod chunk;
 mod cluster;
 mod object;
 mod up;
+mod volume;
 
 use std::process::ExitCode;
 
@@ -68,6 +69,11 @@ enum Cmd {
     Object {
         #[command(subcommand)]
         cmd: object::ObjectCmd,
+    },
+    /// Block volumes: create, snapshot, clone, resize, attach (NBD or vhost-user), detach.
+    Volume {
+        #[command(subcommand)]
+        cmd: volume::VolumeCmd,
     },
     /// Redundancy: recovery progress and a full audit of every placement group.
     Repair {
@@ -133,6 +139,7 @@ fn main() -> ExitCode {
             Cmd::Bucket { cmd } => object::run_bucket(cmd, out).await,
             Cmd::Object { cmd } => object::run_object(cmd, out).await,
             Cmd::Key { cmd } => object::run_key(cmd, out).await,
+            Cmd::Volume { cmd } => volume::run(cmd, out).await,
             Cmd::Repair { cmd } => object::run_repair(cmd, out).await,
             Cmd::Debug { cmd } => match cmd {
                 DebugCmd::Chunk { cmd } => chunk::run(cmd, out).await,

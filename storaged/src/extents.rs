@@ -306,7 +306,10 @@ impl Extents {
                 File::open(self.vol_dir(vol))?.sync_all()
             };
             write().map_err(|e| ioerr("recording the fence", e))?;
-            self.fences.lock().expect("fences").insert(vol.into(), epoch);
+            self.fences
+                .lock()
+                .expect("fences")
+                .insert(vol.into(), epoch);
         }
         Ok(epoch.max(cur))
     }
@@ -317,7 +320,13 @@ impl Extents {
     }
 
     /// Preserves the extent's current content as the copy for snapshots up to `tag`.
-    async fn preserve(&self, vol: &str, index: u64, e: &mut Extent, tag: u64) -> Result<(), Status> {
+    async fn preserve(
+        &self,
+        vol: &str,
+        index: u64,
+        e: &mut Extent,
+        tag: u64,
+    ) -> Result<(), Status> {
         let (src_dat, _) = self.paths(vol, index, None);
         let (dst_dat, dst_meta) = self.paths(vol, index, Some(tag));
         let meta_bytes = e.meta.encode();
@@ -372,7 +381,9 @@ impl Extents {
         let vol = addr.volume_id.as_str();
         if r.repair {
             if r.versions.len() != count || (!r.zeros.is_empty() && r.zeros.len() != count) {
-                return Err(bad("a repair write needs one version (and zero flag) per sector"));
+                return Err(bad(
+                    "a repair write needs one version (and zero flag) per sector",
+                ));
             }
         } else {
             if r.lease_epoch == 0 || r.lease_epoch > u32::MAX as u64 {
@@ -426,7 +437,11 @@ impl Extents {
                 }
                 let bytes = r.data.slice(start * SECTOR..i * SECTOR);
                 self.io
-                    .write(e.dat.clone(), ((first + start) * SECTOR) as u64, vec![bytes])
+                    .write(
+                        e.dat.clone(),
+                        ((first + start) * SECTOR) as u64,
+                        vec![bytes],
+                    )
                     .await
                     .map_err(|e| ioerr("writing extent data", e))?;
             }
@@ -596,7 +611,11 @@ impl Extents {
             rec.epoch = v.epoch;
             rec.seq = v.seq;
             if (v.epoch, v.seq) != (0, 0) {
-                rec.flags = if r.zero[i] { F_WRITTEN | F_ZERO } else { F_WRITTEN };
+                rec.flags = if r.zero[i] {
+                    F_WRITTEN | F_ZERO
+                } else {
+                    F_WRITTEN
+                };
                 rec.tag.copy_from_slice(&r.tags[i * TAG..(i + 1) * TAG]);
             }
         }
@@ -713,7 +732,12 @@ impl Extents {
 
     /// Frees the snapshot copies (tags up to `upto`) that hold none of `live`: what a deleted
     /// snapshot alone kept. Returns how many copies went.
-    pub async fn trim_snapshots(&self, vol: &str, upto: u64, live: &[u64]) -> Result<usize, Status> {
+    pub async fn trim_snapshots(
+        &self,
+        vol: &str,
+        upto: u64,
+        live: &[u64],
+    ) -> Result<usize, Status> {
         check_volume_id(vol)?;
         let mut freed = 0;
         for index in self.indexes(vol) {
@@ -862,7 +886,10 @@ mod tests {
         let x = store(d.path());
         let mut w = write(0, 1, 1, 1, 0);
         w.count = 2;
-        assert_eq!(x.write(w).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            x.write(w).await.unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
         let mut w = write(1023, 1, 1, 1, 0);
         w.count = 2;
         assert!(x.write(w).await.is_err());

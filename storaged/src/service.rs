@@ -460,7 +460,12 @@ impl ExtentService {
         ExtentService { extents, metrics }
     }
 
-    fn done<T>(&self, op: &str, start: Instant, r: Result<T, Status>) -> Result<Response<T>, Status> {
+    fn done<T>(
+        &self,
+        op: &str,
+        start: Instant,
+        r: Result<T, Status>,
+    ) -> Result<Response<T>, Status> {
         let code = match &r {
             Ok(_) => "OK".to_string(),
             Err(s) => format!("{:?}", s.code()),

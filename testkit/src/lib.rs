@@ -795,3 +795,79 @@ impl DataCluster {
             .collect()
     }
 }
+
+/// What vhost-blk writes to its `--ready-file`.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct VhostBlkReady {
+    pub id: String,
+    pub listen: std::net::SocketAddr,
+    pub metrics_listen: std::net::SocketAddr,
+    pub pid: u32,
+}
+
+/// A running vhost-blk (volume exporter). Its NBD port stays the same across restarts.
+pub struct VhostBlk {
+    pub proc: Process,
+    pub ready: VhostBlkReady,
+    pub work: PathBuf,
+    args: Vec<String>,
+    starts: u32,
+}
+
+impl VhostBlk {
+    /// Starts vhost-blk `id` against metad `metad` with `extra` flags.
+    pub fn start(work: &Path, metad: &str, id: &str, extra: &[&str]) -> anyhow::Result<VhostBlk> {
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+            "--metad".into(),
+            metad.into(),
+            "--id".into(),
+            id.into(),
+            "--data".into(),
+            work.join("data").display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let (proc, ready) = Self::launch(work, &args, 1)?;
+        Ok(VhostBlk {
+            proc,
+            ready,
+            work: work.to_path_buf(),
+            args,
+            starts: 1,
+        })
+    }
+
+    fn launch(work: &Path, args: &[String], n: u32) -> anyhow::Result<(Process, VhostBlkReady)> {
+        std::fs::create_dir_all(work)?;
+        let ready_file = work.join(format!("vhost-blk-ready-{n}.json"));
+        let _ = std::fs::remove_file(&ready_file);
+        let mut all = args.to_vec();
+        all.push("--ready-file".into());
+        all.push(ready_file.display().to_string());
+        let mut proc = Process::spawn(
+            "vhost-blk",
+            &bin_path("vhost-blk"),
+            &all,
+            &work.join("vhost-blk.log"),
+        )?;
+        let ready = wait_ready(&mut proc, &ready_file, Duration::from_secs(60))?;
+        Ok((proc, ready))
+    }
+
+    /// Kills it (`kill -9`) and starts it again with the same flags and NBD port.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.proc.kill9();
+        self.starts += 1;
+        let (proc, ready) = Self::launch(&self.work, &self.args, self.starts)?;
+        self.proc = proc;
+        self.ready = ready;
+        Ok(())
+    }
+
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}/metrics", self.ready.metrics_listen)
+    }
+}
