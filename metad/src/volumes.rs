@@ -173,11 +173,27 @@ impl MetadService {
                 qos.bytes_per_sec = o.bytes_per_sec;
             }
         }
-        let pool_name = if r.pool.is_empty() {
-            "standard".to_string()
+        // A clone lives in its parent's pool.
+        let parent_pool = if r.parent.is_empty() {
+            None
         } else {
-            r.pool.clone()
+            Some(
+                self.read_volume(&r.parent)?
+                    .ok_or_else(|| no_such_volume(&r.parent))?
+                    .1
+                    .pool,
+            )
         };
+        let pool_name = match (&parent_pool, r.pool.is_empty()) {
+            (Some(p), _) => p.clone(),
+            (None, true) => "standard".to_string(),
+            (None, false) => r.pool.clone(),
+        };
+        if parent_pool.is_some() && !r.pool.is_empty() && r.pool != pool_name {
+            return Err(Status::invalid_argument(format!(
+                "a clone lives in its parent's pool ({pool_name})"
+            )));
+        }
         for _ in 0..RMW_TRIES {
             let pool_raw = self
                 .get(&tables::pool_key(&pool_name))?
@@ -222,11 +238,6 @@ impl MetadService {
                 let (praw, mut parent) = self
                     .read_volume(&r.parent)?
                     .ok_or_else(|| no_such_volume(&r.parent))?;
-                if parent.pool != pool_name && !r.pool.is_empty() {
-                    return Err(Status::invalid_argument(
-                        "a clone lives in its parent's pool",
-                    ));
-                }
                 v.pool = parent.pool.clone();
                 let snap = parent
                     .snapshots

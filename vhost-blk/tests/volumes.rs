@@ -1,0 +1,487 @@
+//! Block volumes end to end, with real processes and real clients: metad and three storaged
+//! (one per zone), a vhost-blk, the `sov` CLI, and qemu-io, qemu-img, nbdinfo, nbdcopy and fio
+//! over NBD. Volumes are replicated{3} and encrypted.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sov_client::volume::{OpenOptions, VolumeHandle};
+use sov_client::{Client, ClientConfig};
+use sov_proto::metad as mpb;
+use sov_proto::storaged as spb;
+use sov_testkit::{DataCluster, TestDir, VhostBlk, bin_path};
+
+const MIB: u64 = 1 << 20;
+
+fn run(cmd: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd} (make test installs it): {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("$ {cmd} {}\n{}", args.join(" "), text.trim_end());
+    (out.status.success(), text)
+}
+
+fn must(cmd: &str, args: &[&str]) -> String {
+    let (ok, text) = run(cmd, args);
+    assert!(ok, "{cmd} {} failed:\n{text}", args.join(" "));
+    text
+}
+
+/// qemu-io commands against a URI; fails on any verification or I/O error.
+fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut args = vec!["-f", "raw"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(uri);
+    let text = must("qemu-io", &args);
+    assert!(
+        !text.contains("Pattern verification failed") && !text.contains("failed:"),
+        "qemu-io reported an error:\n{text}"
+    );
+    text
+}
+
+struct Sov {
+    metad: String,
+}
+
+impl Sov {
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--output", "json"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--metad", &self.metad]);
+        let text = must(bin_path("sov").to_str().unwrap(), &all);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--metad", &self.metad]);
+        let (ok, text) = run(bin_path("sov").to_str().unwrap(), &all);
+        assert!(!ok, "sov {} should have failed", args.join(" "));
+        text
+    }
+
+    fn attach(&self, name: &str) -> String {
+        let v = self.json(&["volume", "attach", name, "--protocol", "nbd"]);
+        assert_eq!(v["state"], "in-use");
+        v["uri"].as_str().unwrap().to_string()
+    }
+}
+
+async fn volume(cl: &DataCluster, name: &str) -> mpb::Volume {
+    cl.metad_client()
+        .unwrap()
+        .get_volume(mpb::GetVolumeRequest {
+            name: name.into(),
+            consistency: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Per extent, the digests of its replicas on every node (node index → digest).
+async fn replica_digests(
+    cl: &DataCluster,
+    volume_id: &str,
+) -> std::collections::BTreeMap<u64, Vec<(usize, Vec<u8>)>> {
+    let mut out: std::collections::BTreeMap<u64, Vec<(usize, Vec<u8>)>> = Default::default();
+    for (i, n) in cl.nodes.iter().enumerate() {
+        let mut c = spb::extent_store_client::ExtentStoreClient::connect(n.endpoint())
+            .await
+            .unwrap();
+        let r = c
+            .list_extents(spb::ListExtentsRequest {
+                volume_id: volume_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for e in r.extents {
+            out.entry(e.extent.unwrap().index)
+                .or_default()
+                .push((i, e.digest.to_vec()));
+        }
+    }
+    out
+}
+
+/// Waits until every extent of the volume has three identical replicas.
+async fn wait_converged(cl: &DataCluster, volume_id: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let d = replica_digests(cl, volume_id).await;
+        let bad: Vec<u64> = d
+            .iter()
+            .filter(|(_, r)| r.len() != 3 || r.iter().any(|(_, x)| *x != r[0].1))
+            .map(|(i, _)| *i)
+            .collect();
+        if !d.is_empty() && bad.is_empty() {
+            eprintln!("{} extents, 3 identical replicas each", d.len());
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicas of extents {bad:?} still differ"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn fio(uri: &str, extra: &[&str]) -> String {
+    let uri_arg = format!("--uri={uri}");
+    let mut args = vec![
+        "--name=t",
+        "--ioengine=nbd",
+        uri_arg.as_str(),
+        "--output-format=normal",
+    ];
+    args.extend_from_slice(extra);
+    must("fio", &args)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn volumes_over_nbd_with_real_clients() {
+    let dir = TestDir::new("volumes-nbd");
+    let mut cl = DataCluster::start(dir.path(), 3, 1, &[], &[])
+        .await
+        .expect("cluster");
+    cl.metad_client()
+        .unwrap()
+        .create_pool(mpb::CreatePoolRequest {
+            name: "vols".into(),
+            redundancy: Some(mpb::Redundancy {
+                kind: Some(mpb::redundancy::Kind::Replicated(mpb::Replicated {
+                    size: 3,
+                })),
+            }),
+            tier: "performance".into(),
+            pg_count: 16,
+        })
+        .await
+        .unwrap();
+    let mut vb = VhostBlk::start(&dir.path().join("vb1"), &cl.metad.addr, "vhost-blk-1", &[])
+        .expect("vhost-blk");
+    let sov = Sov {
+        metad: cl.metad.addr.clone(),
+    };
+
+    // Create and attach; the CLI prints the NBD URI.
+    let v = sov.json(&[
+        "volume",
+        "create",
+        "v1",
+        "--size",
+        "64MiB",
+        "--pool",
+        "vols",
+        "--tier",
+        "performance",
+    ]);
+    assert_eq!(v["state"], "available");
+    assert_eq!(v["size"], 64 * MIB);
+    let volume_id = v["id"].as_str().unwrap().to_string();
+    let uri = sov.attach("v1");
+    assert!(
+        uri.starts_with("nbd://127.0.0.1:") && uri.ends_with("/v1"),
+        "{uri}"
+    );
+    let size = must("nbdinfo", &["--size", &uri]);
+    assert_eq!(size.trim(), (64 * MIB).to_string());
+    let listen = uri.trim_end_matches("/v1").to_string();
+    let list = must("nbdinfo", &["--list", &listen]);
+    assert!(list.contains("v1"), "{list}");
+    // An export that does not exist is refused cleanly.
+    let (ok, text) = run("nbdinfo", &[&format!("{listen}/nope")]);
+    assert!(!ok && !text.contains("panick"), "{text}");
+
+    // Write-then-verify patterns, unaligned writes, zeroes, discard, flush.
+    qemu_io(
+        &uri,
+        &[
+            "write -P 0xab 0 1M",
+            "read -P 0xab 0 1M",
+            "write -P 0x11 513 1000",
+            "read -P 0x11 513 1000",
+            "read -P 0xab 0 513",
+            "read -P 0xab 1513 2583",
+            "write -z 1M 1M",
+            "read -P 0 1M 1M",
+            "write -P 0xcd 2M 1M",
+            "discard 2M 1M",
+            "read -P 0 2M 1M",
+            "write -P 0x77 4190208 8192",
+            "read -P 0x77 4190208 8192",
+            "flush",
+        ],
+    );
+    // Past the end: an error, not a crash; the export keeps serving.
+    let (ok, text) = run("qemu-io", &["-f", "raw", "-c", "read 67104768 8192", &uri]);
+    assert!(
+        !ok || text.contains("error") || text.contains("Input/output") || text.contains("Invalid"),
+        "{text}"
+    );
+    qemu_io(&uri, &["read -P 0xab 0 512"]);
+
+    // fio random read/write with checksums, through libnbd.
+    let out = fio(
+        &uri,
+        &[
+            "--rw=randrw",
+            "--bs=4k",
+            "--iodepth=16",
+            "--size=8M",
+            "--offset=32M",
+            "--verify=crc32c",
+            "--do_verify=1",
+        ],
+    );
+    assert!(out.contains("err= 0"), "{out}");
+
+    // nbdcopy out and compare with qemu-img.
+    let raw = dir.path().join("v1.raw");
+    must("nbdcopy", &[&uri, raw.to_str().unwrap()]);
+    let cmp = must(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            raw.to_str().unwrap(),
+            &uri,
+        ],
+    );
+    assert!(cmp.contains("identical"), "{cmp}");
+    let info = must("qemu-img", &["info", "-f", "raw", &uri]);
+    assert!(info.contains("64 MiB"), "{info}");
+
+    // Storage never holds the plaintext: 0xab sectors are encrypted on every node.
+    let plain = vec![0xabu8; 4096];
+    for n in &cl.nodes {
+        let ext = n.disks[0]
+            .join("extents")
+            .join(&volume_id)
+            .join("00000000.dat");
+        let bytes = std::fs::read(&ext).expect("extent file");
+        assert!(
+            !bytes.windows(4096).step_by(4096).any(|w| w == plain),
+            "plaintext on {}",
+            ext.display()
+        );
+    }
+
+    // Snapshot consistency: A, snapshot, B. The snapshot (through a clone) reads A.
+    qemu_io(&uri, &["write -P 0xa1 8M 1M", "flush"]);
+    let s = sov.json(&["volume", "snapshot", "v1", "--name", "s1"]);
+    assert_eq!(s["id"], 1);
+    qemu_io(&uri, &["write -P 0xb2 8M 512k", "flush"]);
+    sov.json(&["volume", "clone", "v1", "--snapshot", "s1", "--name", "c1"]);
+    let curi = sov.attach("c1");
+    qemu_io(&curi, &["read -P 0xa1 8M 1M", "read -P 0xab 0 512"]);
+    qemu_io(&uri, &["read -P 0xb2 8M 512k", "read -P 0xa1 8704k 512k"]);
+    // The clone's first write copies the extent up; the parent is untouched.
+    qemu_io(
+        &curi,
+        &[
+            "write -P 0xc3 8M 4k",
+            "read -P 0xc3 8M 4k",
+            "read -P 0xa1 8196k 1020k",
+        ],
+    );
+    qemu_io(&uri, &["read -P 0xb2 8M 512k"]);
+    // A snapshot with a clone cannot go; the volume cannot be deleted while attached.
+    let e = sov.fails(&["volume", "delete-snapshot", "v1", "--name", "s1"]);
+    assert!(e.contains("clone"), "{e}");
+    let e = sov.fails(&["volume", "delete", "v1"]);
+    assert!(e.contains("detach"), "{e}");
+
+    // Online resize: new connections see the new size, and the new space works.
+    sov.json(&["volume", "resize", "v1", "--size", "128MiB"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = must("nbdinfo", &["--size", &uri]);
+        if s.trim() == (128 * MIB).to_string() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the export did not grow");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    qemu_io(
+        &uri,
+        &[
+            "write -P 0x5e 100M 1M",
+            "read -P 0x5e 100M 1M",
+            "read -P 0xab 0 512",
+        ],
+    );
+
+    // Lease: nobody else may open the volume while vhost-blk holds it.
+    let client = Client::new(
+        std::slice::from_ref(&cl.metad.addr),
+        ClientConfig::default(),
+    )
+    .unwrap();
+    let intruder = VolumeHandle::open(
+        client.clone(),
+        "v1",
+        OpenOptions {
+            holder: "intruder".into(),
+            lease_ttl: Duration::from_secs(5),
+        },
+    )
+    .await;
+    let e = intruder
+        .err()
+        .expect("a second writer is refused")
+        .to_string();
+    assert!(e.contains("exported by vhost-blk-1"), "{e}");
+
+    // A storaged killed during writes: I/O goes on, and the replica is repaired afterwards.
+    let writer = {
+        let uri = uri.clone();
+        std::thread::spawn(move || {
+            fio(
+                &uri,
+                &[
+                    "--rw=randwrite",
+                    "--bs=16k",
+                    "--iodepth=8",
+                    "--size=8M",
+                    "--offset=40M",
+                    "--verify=crc32c",
+                    "--do_verify=1",
+                    "--time_based=0",
+                ],
+            )
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cl.nodes[2].kill9();
+    let out = writer.join().expect("fio with a node down");
+    assert!(out.contains("err= 0"), "{out}");
+    qemu_io(
+        &uri,
+        &["write -P 0x6f 48M 2M", "flush", "read -P 0x6f 48M 2M"],
+    );
+    cl.nodes[2].restart().unwrap();
+    wait_converged(&cl, &volume_id, Duration::from_secs(60)).await;
+    qemu_io(&uri, &["read -P 0x6f 48M 2M", "read -P 0xab 0 512"]);
+
+    // kill -9 of vhost-blk during writes: what was flushed before is there after re-attach.
+    qemu_io(&uri, &["write -P 0x3c 56M 4M", "flush"]);
+    let bg = {
+        let uri = uri.clone();
+        std::thread::spawn(move || {
+            run(
+                "qemu-io",
+                &[
+                    "-f",
+                    "raw",
+                    "-c",
+                    "write -P 0x99 60M 4M",
+                    "-c",
+                    "write -P 0x98 70M 4M",
+                    &uri,
+                ],
+            )
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let epoch_before = volume(&cl, "v1").await.lease.unwrap().epoch;
+    vb.restart().unwrap();
+    let _ = bg.join();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let v = loop {
+        let v = volume(&cl, "v1").await;
+        if v.state == "in-use" && v.lease.as_ref().unwrap().epoch > epoch_before {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "v1 not re-attached: {v:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let uri = v.attachment.unwrap().uri;
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0x3c 56M 4M",
+            "read -P 0x6f 48M 2M",
+            "read -P 0xab 0 512",
+        ],
+    );
+    // The replicas of whatever the killed writer left half-done agree.
+    wait_converged(&cl, &volume_id, Duration::from_secs(30)).await;
+
+    // Fencing: an old writer whose lease was taken over cannot write.
+    sov.json(&["volume", "create", "v2", "--size", "8MiB", "--pool", "vols"]);
+    let old = VolumeHandle::open(
+        client.clone(),
+        "v2",
+        OpenOptions {
+            holder: "old".into(),
+            lease_ttl: Duration::from_millis(500),
+        },
+    )
+    .await
+    .unwrap();
+    old.write(0, bytes::Bytes::from(vec![1u8; 4096]), true)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let new = VolumeHandle::open(
+        client.clone(),
+        "v2",
+        OpenOptions {
+            holder: "new".into(),
+            lease_ttl: Duration::from_secs(5),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(new.lease_epoch() > old.lease_epoch());
+    let e = old
+        .write(4096, bytes::Bytes::from(vec![2u8; 4096]), true)
+        .await
+        .expect_err("the fenced writer is refused");
+    assert!(e.to_string().contains("fenced"), "{e}");
+    assert_eq!(&new.read(0, 4096).await.unwrap()[..], &[1u8; 4096][..]);
+    assert_eq!(&new.read(4096, 4096).await.unwrap()[..], &[0u8; 4096][..]);
+    new.close().await.unwrap();
+
+    // Metrics.
+    let m = sov_testkit::http_get(&vb.metrics_url()).unwrap();
+    assert!(m.contains("vhost_blk_requests_total"), "{m}");
+    assert!(m.contains("vhost_blk_exports 2"), "{m}");
+
+    // Detach, then delete: the clone, the snapshot, the volume; the extents go from every node.
+    sov.json(&["volume", "detach", "c1"]);
+    sov.json(&["volume", "detach", "v1"]);
+    let (ok, _) = run("nbdinfo", &[&uri]);
+    assert!(!ok, "a detached volume is no longer exported");
+    sov.json(&["volume", "delete", "c1"]);
+    sov.json(&["volume", "delete-snapshot", "v1", "--name", "s1"]);
+    sov.json(&["volume", "delete", "v1"]);
+    let e = sov.fails(&["volume", "show", "v1"]);
+    assert!(e.contains("no such volume"), "{e}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !replica_digests(&cl, &volume_id).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "extents of a deleted volume remain"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(!Path::new(&cl.nodes[0].disks[0].join("extents").join(&volume_id)).exists());
+}
