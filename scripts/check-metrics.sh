@@ -9,7 +9,9 @@ work=$(mktemp -d /tmp/sov-metrics-XXXXXX)
 pid=""
 mpid=""
 gpid=""
+vpid=""
 cleanup() {
+  if [[ -n "$vpid" ]]; then kill "$vpid" 2>/dev/null || true; wait "$vpid" 2>/dev/null || true; fi
   if [[ -n "$gpid" ]]; then kill "$gpid" 2>/dev/null || true; wait "$gpid" 2>/dev/null || true; fi
   if [[ -n "$pid" ]]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
   if [[ -n "$mpid" ]]; then kill "$mpid" 2>/dev/null || true; wait "$mpid" 2>/dev/null || true; fi
@@ -84,3 +86,22 @@ grep -q 'gateway_requests_total' "$work/gateway-metrics.txt" \
   || { cat "$work/gateway-metrics.txt"; echo "gateway recorded no request" >&2; exit 1; }
 promtool check metrics <"$work/gateway-metrics.txt"
 echo "promtool check metrics: gateway-s3 OK"
+
+"$BIN_DIR/vhost-blk" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --metad "$metad_addr" \
+  --data "$work/vhost-blk" --ready-file "$work/vhost-blk-ready.json" >"$work/vhost-blk.log" 2>&1 &
+vpid=$!
+for _ in $(seq 1 600); do
+  [[ -s "$work/vhost-blk-ready.json" ]] && break
+  kill -0 "$vpid" 2>/dev/null || { cat "$work/vhost-blk.log"; echo "vhost-blk exited" >&2; exit 1; }
+  sleep 0.1
+done
+[[ -s "$work/vhost-blk-ready.json" ]] || { cat "$work/vhost-blk.log"; echo "vhost-blk not ready" >&2; exit 1; }
+nbd=$(json_field "$work/vhost-blk-ready.json" listen)
+vmetrics=$(json_field "$work/vhost-blk-ready.json" metrics_listen)
+nbdinfo "nbd://$nbd/no-such-volume" >/dev/null 2>&1 || true   # refused export
+curl -fsS "http://$vmetrics/metrics" >"$work/vhost-blk-metrics.txt"
+echo "vhost-blk /metrics: $(grep -vc '^#' "$work/vhost-blk-metrics.txt") samples"
+grep -q 'vhost_blk_exports 0' "$work/vhost-blk-metrics.txt" \
+  || { cat "$work/vhost-blk-metrics.txt"; echo "vhost-blk metrics missing" >&2; exit 1; }
+promtool check metrics <"$work/vhost-blk-metrics.txt"
+echo "promtool check metrics: vhost-blk OK"

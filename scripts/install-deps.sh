@@ -9,9 +9,13 @@ if [[ "${1:-}" == "--test" ]]; then
   # the baseline of the metad benchmark, whose quick run is part of the tests; rclone and
   # s3cmd are S3 clients the gateway tests drive.
   pkgs+=(prometheus util-linux etcd-server rclone s3cmd)
+  # Block volumes are tested with real NBD clients (qemu-io, qemu-img, nbdinfo, nbdcopy, fio's
+  # nbd engine) and a real vhost-user-blk frontend: QEMU (TCG) booting Debian's cloud kernel
+  # with a busybox initramfs built by vhost-blk/guest/make-initramfs.sh.
+  pkgs+=(qemu-utils libnbd-bin fio qemu-system-x86 linux-image-cloud-amd64 busybox-static cpio kmod gcc libc6-dev)
 fi
 if [[ "${1:-}" == "--bench" ]]; then
-  pkgs+=(etcd-server)
+  pkgs+=(etcd-server qemu-utils libnbd-bin fio)
 fi
 
 missing=()

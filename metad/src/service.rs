@@ -1480,7 +1480,7 @@ impl Metad for MetadService {
             "CreateVolume",
             create_volume,
             local_ok = false,
-            { MetadService::create_volume(self, req.into_inner()).await }
+            MetadService::create_volume(self, req.into_inner()).await
         )
     }
 
@@ -1529,7 +1529,7 @@ impl Metad for MetadService {
             "ResizeVolume",
             resize_volume,
             local_ok = false,
-            { MetadService::resize_volume(self, req.into_inner()).await }
+            MetadService::resize_volume(self, req.into_inner()).await
         )
     }
 
@@ -1543,7 +1543,7 @@ impl Metad for MetadService {
             "CreateSnapshot",
             create_snapshot,
             local_ok = false,
-            { MetadService::create_snapshot(self, req.into_inner()).await }
+            MetadService::create_snapshot(self, req.into_inner()).await
         )
     }
 
@@ -1557,7 +1557,7 @@ impl Metad for MetadService {
             "DeleteSnapshot",
             delete_snapshot,
             local_ok = false,
-            { MetadService::delete_snapshot(self, req.into_inner()).await }
+            MetadService::delete_snapshot(self, req.into_inner()).await
         )
     }
 
@@ -1571,7 +1571,7 @@ impl Metad for MetadService {
             "AcquireVolumeLease",
             acquire_volume_lease,
             local_ok = false,
-            { MetadService::acquire_volume_lease(self, req.into_inner()).await }
+            MetadService::acquire_volume_lease(self, req.into_inner()).await
         )
     }
 
@@ -1585,7 +1585,7 @@ impl Metad for MetadService {
             "RenewVolumeLease",
             renew_volume_lease,
             local_ok = false,
-            { MetadService::renew_volume_lease(self, req.into_inner()).await }
+            MetadService::renew_volume_lease(self, req.into_inner()).await
         )
     }
 
@@ -1599,7 +1599,7 @@ impl Metad for MetadService {
             "ReleaseVolumeLease",
             release_volume_lease,
             local_ok = false,
-            { MetadService::release_volume_lease(self, req.into_inner()).await }
+            MetadService::release_volume_lease(self, req.into_inner()).await
         )
     }
 
@@ -1613,7 +1613,7 @@ impl Metad for MetadService {
             "SetVolumeState",
             set_volume_state,
             local_ok = false,
-            { MetadService::set_volume_state(self, req.into_inner()).await }
+            MetadService::set_volume_state(self, req.into_inner()).await
         )
     }
 

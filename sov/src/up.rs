@@ -42,6 +42,12 @@ pub struct UpArgs {
     /// The gateway's /metrics port.
     #[arg(long, default_value_t = 9300)]
     gateway_metrics_port: u16,
+    /// vhost-blk's NBD port (volumes are exported as nbd://127.0.0.1:PORT/NAME).
+    #[arg(long, default_value_t = 10809)]
+    nbd_port: u16,
+    /// vhost-blk's /metrics port.
+    #[arg(long, default_value_t = 9500)]
+    vhost_blk_metrics_port: u16,
 }
 
 struct Node {
@@ -374,6 +380,7 @@ pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
     let data = std::fs::canonicalize(&a.data)
         .map_err(|e| CliError::new(1, format!("{}: {e}", a.data.display())))?;
     let gateway = sibling_binary("gateway-s3")?;
+    let vhost_blk = sibling_binary("vhost-blk")?;
     if a.metad_members == 2 {
         return Err(CliError::new(2, "--metad must be 1 or 3"));
     }
@@ -470,11 +477,32 @@ pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
         &["--metad".to_string(), metad_list.clone()],
     )
     .await?;
+    let nbd_listen = format!("127.0.0.1:{}", a.nbd_port);
+    start_daemon(
+        &mut nodes,
+        &vhost_blk,
+        ("vhost-blk-1", "zone-1"),
+        &data.join("vhost-blk-1"),
+        (
+            &nbd_listen,
+            &format!("127.0.0.1:{}", a.vhost_blk_metrics_port),
+        ),
+        &[
+            "--metad".to_string(),
+            metad_list.clone(),
+            "--id".into(),
+            "vhost-blk-1".into(),
+            "--data".into(),
+            data.join("vhost-blk-1").display().to_string(),
+        ],
+    )
+    .await?;
     let s3_endpoint = format!("http://{s3_listen}");
     let cluster = serde_json::json!({
         "s3_endpoint": s3_endpoint,
         "metad_endpoints": members.iter().map(|(_, a)| a.clone()).collect::<Vec<_>>(),
         "storaged_endpoints": nodes.iter().filter(|n| n.name.starts_with("storaged")).map(|n| n.listen.clone()).collect::<Vec<_>>(),
+        "nbd_endpoint": format!("nbd://{nbd_listen}"),
         "access_key": access_key,
         "secret_key": secret_key,
         "metrics": nodes.iter().map(|n| format!("http://{}/metrics", n.metrics)).collect::<Vec<_>>(),
@@ -491,7 +519,7 @@ pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
         Output::Json => println!("{cluster}"),
         Output::Text => {
             println!(
-                "sov cluster up ({} metad, {} storage nodes, 1 S3 gateway); state in {}",
+                "sov cluster up ({} metad, {} storage nodes, 1 S3 gateway, 1 vhost-blk); state in {}",
                 members.len(),
                 a.storage_nodes,
                 path.display()
@@ -503,6 +531,7 @@ pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
                 );
             }
             println!("S3 endpoint: {s3_endpoint}");
+            println!("NBD exports: nbd://{nbd_listen}/VOLUME (sov volume attach VOLUME)");
             println!("  AWS_ACCESS_KEY_ID={access_key}");
             println!("  AWS_SECRET_ACCESS_KEY={secret_key}");
             println!("Ctrl-C stops everything.");

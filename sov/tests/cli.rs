@@ -195,6 +195,8 @@ fn sov_up_starts_and_stops_a_cluster() {
         .args(["--metad-metrics-port", &(base + 201).to_string()])
         .args(["--s3-port", &(base + 202).to_string()])
         .args(["--gateway-metrics-port", &(base + 203).to_string()])
+        .args(["--nbd-port", &(base + 204).to_string()])
+        .args(["--vhost-blk-metrics-port", &(base + 205).to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -214,11 +216,12 @@ fn sov_up_starts_and_stops_a_cluster() {
     }
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cluster).unwrap()).unwrap();
     let procs = v["processes"].as_array().unwrap();
-    assert_eq!(procs.len(), 5);
+    assert_eq!(procs.len(), 6);
     assert_eq!(procs[0]["name"], "metad-1");
     assert_eq!(procs[1]["name"], "storaged-1");
     assert_eq!(procs[3]["zone"], "zone-3");
     assert_eq!(procs[4]["name"], "gateway-s3");
+    assert_eq!(procs[5]["name"], "vhost-blk-1");
     assert!(
         v["s3_endpoint"]
             .as_str()
@@ -240,6 +243,7 @@ fn sov_up_starts_and_stops_a_cluster() {
         assert!(
             m.contains("storaged_disk_free_bytes")
                 || m.contains("metad_raft_term")
+                || m.contains("vhost_blk_requests_total")
                 || url.ends_with(&format!(":{}/metrics", base + 203)),
             "{url}"
         );
@@ -271,6 +275,42 @@ fn sov_up_starts_and_stops_a_cluster() {
         Some(b"x"),
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // A volume in the default pool, attached over NBD and written with qemu-io.
+    let out = sov(
+        &[
+            "volume", "create", "vol", "--size", "16MiB", "--metad", &metad,
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = sov(
+        &[
+            "--output", "json", "volume", "attach", "vol", "--metad", &metad,
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let att: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let uri = att["uri"].as_str().unwrap().to_string();
+    assert_eq!(uri, format!("nbd://127.0.0.1:{}/vol", base + 204));
+    let io = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x42 0 64k",
+            "-c",
+            "read -P 0x42 0 64k",
+            &uri,
+        ])
+        .output()
+        .expect("qemu-io (make test installs qemu-utils)");
+    assert!(
+        io.status.success() && !text(&io.stdout).contains("fail"),
+        "{}{}",
+        text(&io.stdout),
+        text(&io.stderr)
+    );
     // SAFETY: signalling the child we started.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(60);

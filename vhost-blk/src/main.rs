@@ -108,7 +108,7 @@ fn settings(f: &Flags) -> anyhow::Result<Settings> {
             .metrics_listen
             .clone()
             .or(file.metrics_listen)
-            .unwrap_or_else(|| "127.0.0.1:9400".into()),
+            .unwrap_or_else(|| "127.0.0.1:9500".into()),
     })
 }
 

@@ -23,12 +23,11 @@ fn have(cmd: &str) -> bool {
 
 #[test]
 fn linux_guest_reads_writes_discards() {
-    let required = std::env::var_os("SOV_REQUIRE_GUEST").is_some();
-    if !have("qemu-system-x86_64") || !Path::new("/bin/busybox").exists() {
-        assert!(!required, "qemu-system-x86_64 / busybox-static missing");
-        eprintln!("SKIP: qemu-system-x86_64 or busybox-static not installed");
-        return;
-    }
+    // No silent skip: `make test` installs QEMU, the cloud kernel and busybox-static.
+    assert!(
+        have("qemu-system-x86_64") && Path::new("/bin/busybox").exists(),
+        "qemu-system-x86_64 / busybox-static missing (make test installs them)"
+    );
     let guest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("guest");
     let kit = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guest-kit");
     let st = Command::new(guest_dir.join("make-initramfs.sh"))
