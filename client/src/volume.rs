@@ -608,6 +608,7 @@ impl VolumeHandle {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     /// Reads sectors `first..first+count` of one layer (this volume or a parent at its
     /// snapshot): per sector, the newest verified version among the members. None when no
     /// member has the extent.
@@ -669,6 +670,7 @@ impl VolumeHandle {
                 errors.push(format!("{m}: short extent read"));
                 continue;
             }
+            #[allow(clippy::needless_range_loop)]
             for i in 0..count {
                 let v = (r.versions[i].epoch, r.versions[i].seq);
                 let have = out[i].as_ref().map(|s| s.version).unwrap_or((0, 0));
@@ -1052,7 +1054,7 @@ impl VolumeHandle {
         fua: bool,
     ) -> Result<(), ClientError> {
         let base = index * EXTENT;
-        let aligned = start % SECTOR as u64 == 0 && end % SECTOR as u64 == 0;
+        let aligned = start.is_multiple_of(SECTOR as u64) && end.is_multiple_of(SECTOR as u64);
         let needs_lock = !aligned
             || (!self.parents.is_empty()
                 && !self.present.lock().expect("present").contains(&index));
@@ -1119,12 +1121,12 @@ impl VolumeHandle {
         });
         let mut failed = Vec::new();
         for (n, r) in nodes_to_flush.iter().zip(join_all(calls).await) {
-            if let Err(s) = r {
-                if view.is_up(n) {
-                    failed.push(format!("{n}: {}", s.message()));
-                    self.unflushed.lock().expect("unflushed").insert(n.clone());
-                    self.client.nodes().suspect(n);
-                }
+            if let Err(s) = r
+                && view.is_up(n)
+            {
+                failed.push(format!("{n}: {}", s.message()));
+                self.unflushed.lock().expect("unflushed").insert(n.clone());
+                self.client.nodes().suspect(n);
             }
         }
         if !failed.is_empty() {

@@ -5,7 +5,8 @@
 //! Key layout (each table a key range, ready to be split by range later):
 //! `map/epoch` (u64, big-endian), `node/<id>` (Node), `pool/<name>` (Pool),
 //! `meta/next_pool_id` (u64), `bucket/<name>` (Bucket), `obj/<bucket>/<key>` (ObjectVersion),
-//! `akey/<access key id>` and `dkey/<id>` (JSON records holding sealed secrets). Protobuf
+//! `akey/<access key id>` and `dkey/<id>` (JSON records holding sealed secrets), `vol/<name>`
+//! (Volume). Protobuf
 //! records are the generated `sov.metad.v1` messages.
 
 use serde::{Deserialize, Serialize};
@@ -23,6 +24,7 @@ pub const DKEY_PREFIX: &[u8] = b"dkey/";
 pub const TOMB_PREFIX: &[u8] = b"tomb/";
 pub const UPLOAD_PREFIX: &[u8] = b"upl/";
 pub const PART_PREFIX: &[u8] = b"part/";
+pub const VOLUME_PREFIX: &[u8] = b"vol/";
 
 /// S3's limit on object key length, in bytes.
 pub const MAX_KEY_LEN: usize = 1024;
@@ -75,6 +77,11 @@ pub fn part_key(upload: &str, n: u32) -> Vec<u8> {
 
 pub fn parts_prefix(upload: &str) -> Vec<u8> {
     [PART_PREFIX, upload.as_bytes(), b"/"].concat()
+}
+
+/// `vol/<name>`: a block volume with its snapshots, lease and attachment.
+pub fn volume_key(name: &str) -> Vec<u8> {
+    key(VOLUME_PREFIX, name)
 }
 
 pub fn tomb_key(id: &str) -> Vec<u8> {
@@ -454,11 +461,4 @@ mod tests {
         let l = list_objects(&sm, "other", "", "", "", 1000).unwrap();
         assert_eq!(l, Listing::default());
     }
-}
-
-pub const VOLUME_PREFIX: &[u8] = b"vol/";
-
-/// `vol/<name>`: a block volume with its snapshots, lease and attachment.
-pub fn volume_key(name: &str) -> Vec<u8> {
-    key(VOLUME_PREFIX, name)
 }

@@ -67,7 +67,7 @@ fn no_such_volume(name: &str) -> Status {
 }
 
 fn check_size(size: u64) -> Result<(), Status> {
-    if size == 0 || size % SECTOR != 0 || size > MAX_VOLUME {
+    if size == 0 || !size.is_multiple_of(SECTOR) || size > MAX_VOLUME {
         return Err(Status::invalid_argument(format!(
             "volume size must be a non-zero multiple of 4096 bytes up to 64 TiB, got {size}"
         )));
@@ -337,19 +337,18 @@ impl MetadService {
                 },
                 volume_tombstone(self, &v, 0, Vec::new())?,
             ];
-            if !v.parent.is_empty() {
-                if let Some((praw, mut p)) = self.read_volume(&v.parent)? {
-                    if p.id == v.parent_id {
-                        if let Some(s) = p.snapshots.iter_mut().find(|s| s.id == v.parent_snap_id) {
-                            s.clones = s.clones.saturating_sub(1);
-                        }
-                        checks.push((tables::volume_key(&v.parent), Check::Equals(praw)));
-                        ops.push(Op::Put {
-                            key: tables::volume_key(&v.parent),
-                            value: p.encode_to_vec(),
-                        });
-                    }
+            if !v.parent.is_empty()
+                && let Some((praw, mut p)) = self.read_volume(&v.parent)?
+                && p.id == v.parent_id
+            {
+                if let Some(s) = p.snapshots.iter_mut().find(|s| s.id == v.parent_snap_id) {
+                    s.clones = s.clones.saturating_sub(1);
                 }
+                checks.push((tables::volume_key(&v.parent), Check::Equals(praw)));
+                ops.push(Op::Put {
+                    key: tables::volume_key(&v.parent),
+                    value: p.encode_to_vec(),
+                });
             }
             if self.txn(checks, ops).await?.is_none() {
                 return Ok(());

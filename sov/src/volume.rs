@@ -123,7 +123,7 @@ pub enum VolumeCmd {
 fn volume_json(v: &pb::Volume) -> Value {
     let a = v.attachment.clone().unwrap_or_default();
     let l = v.lease.clone().unwrap_or_default();
-    let q = v.qos.clone().unwrap_or_default();
+    let q = v.qos.unwrap_or_default();
     json!({
         "name": v.name, "id": v.id, "size": v.size, "pool": v.pool, "tier": v.tier,
         "state": v.state, "error": v.error,

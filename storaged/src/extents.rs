@@ -15,6 +15,9 @@
 //! first written: older snapshots did not have it). Sector data and records are written with
 //! the node's I/O engine (io_uring where the kernel has it); FLUSH (or FUA) fdatasyncs them.
 
+// tonic::Status is the error of every call here.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};

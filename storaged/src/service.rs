@@ -460,6 +460,7 @@ impl ExtentService {
         ExtentService { extents, metrics }
     }
 
+    #[allow(clippy::result_large_err)]
     fn done<T>(
         &self,
         op: &str,

@@ -138,59 +138,35 @@ impl BlockDevice for VolumeDevice {
         self.handle.size()
     }
 
-    fn read(
-        &self,
-        offset: u64,
-        len: u32,
-    ) -> impl Future<Output = Result<Bytes, BlockError>> + Send {
-        async move {
-            let start = self.admit("read", len as u64).await?;
-            let r = self.handle.read(offset, len as u64).await;
-            self.done("read", start, len as u64, r)
-        }
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
+        let start = self.admit("read", len as u64).await?;
+        let r = self.handle.read(offset, len as u64).await;
+        self.done("read", start, len as u64, r)
     }
 
-    fn write(
-        &self,
-        offset: u64,
-        data: Bytes,
-        fua: bool,
-    ) -> impl Future<Output = Result<(), BlockError>> + Send {
-        async move {
-            let n = data.len() as u64;
-            let start = self.admit("write", n).await?;
-            let r = self.handle.write(offset, data, fua).await;
-            self.done("write", start, n, r)
-        }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError> {
+        let n = data.len() as u64;
+        let start = self.admit("write", n).await?;
+        let r = self.handle.write(offset, data, fua).await;
+        self.done("write", start, n, r)
     }
 
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u32,
-        fua: bool,
-    ) -> impl Future<Output = Result<(), BlockError>> + Send {
-        async move {
-            let start = self.admit("write_zeroes", 0).await?;
-            let r = self.handle.write_zeroes(offset, len as u64, fua).await;
-            self.done("write_zeroes", start, len as u64, r)
-        }
+    async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), BlockError> {
+        let start = self.admit("write_zeroes", 0).await?;
+        let r = self.handle.write_zeroes(offset, len as u64, fua).await;
+        self.done("write_zeroes", start, len as u64, r)
     }
 
-    fn trim(&self, offset: u64, len: u32) -> impl Future<Output = Result<(), BlockError>> + Send {
-        async move {
-            let start = self.admit("trim", 0).await?;
-            let r = self.handle.trim(offset, len as u64).await;
-            self.done("trim", start, len as u64, r)
-        }
+    async fn trim(&self, offset: u64, len: u32) -> Result<(), BlockError> {
+        let start = self.admit("trim", 0).await?;
+        let r = self.handle.trim(offset, len as u64).await;
+        self.done("trim", start, len as u64, r)
     }
 
-    fn flush(&self) -> impl Future<Output = Result<(), BlockError>> + Send {
-        async move {
-            let start = self.admit("flush", 0).await?;
-            let r = self.handle.flush().await;
-            self.done("flush", start, 0, r)
-        }
+    async fn flush(&self) -> Result<(), BlockError> {
+        let start = self.admit("flush", 0).await?;
+        let r = self.handle.flush().await;
+        self.done("flush", start, 0, r)
     }
 
     fn id(&self) -> String {

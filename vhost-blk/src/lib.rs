@@ -158,7 +158,7 @@ impl Exporter {
         )
         .await
         .with_context(|| format!("opening volume {}", v.name))?;
-        let qos = v.qos.clone().unwrap_or_default();
+        let qos = v.qos.unwrap_or_default();
         let dev = Arc::new(VolumeDevice::new(
             handle.clone(),
             qos.iops,
@@ -274,10 +274,7 @@ impl Exporter {
         let vols = self
             .client
             .meta()
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.list_volumes(req).await }
-            })
+            .call(|mut c| async move { c.list_volumes(req).await })
             .await?
             .volumes;
         let mut seen = std::collections::HashSet::new();
