@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: up build test deps test-deps fmt clippy unit metrics-check bench-smoke bench bench-metad bench-quick bench-s3 clean
+.PHONY: up build test deps test-deps fmt clippy unit metrics-check bench-smoke bench bench-metad bench-quick bench-s3 bench-block clean
 
 deps:
 	./scripts/install-deps.sh
@@ -40,6 +40,8 @@ bench-smoke:
 	python3 benchmarks/s3/s3_bench.py --quick --sov-bin $(TARGET_DIR)/debug/sov \
 	  --s3s-fs $$(command -v s3s-fs || echo $$HOME/.cargo/bin/s3s-fs) \
 	  --sov-bench $(TARGET_DIR)/debug/sov-bench --list-keys 2000
+	$(TARGET_DIR)/debug/sov-bench sector-crypto --quick
+	python3 benchmarks/block/block_bench.py --quick --sov-bin $(TARGET_DIR)/debug
 
 ## Installs what the tests need, then every gate: fmt, clippy, tests, promtool, bench smoke.
 test: test-deps fmt clippy unit metrics-check bench-smoke
@@ -54,6 +56,7 @@ bench: deps
 	$(TARGET_DIR)/release/sov-bench datapath
 	$(TARGET_DIR)/release/sov-bench recovery
 	$(MAKE) bench-s3
+	$(MAKE) bench-block
 
 ## The S3 endpoint against s3s-fs (64 MiB and 4 KiB objects, concurrency 1 and 32) and the
 ## listing rate of a bucket of a million keys.
@@ -63,6 +66,14 @@ bench-s3:
 	python3 benchmarks/s3/s3_bench.py --sov-bin $(TARGET_DIR)/release/sov \
 	  --s3s-fs $$(command -v s3s-fs || echo $$HOME/.cargo/bin/s3s-fs) \
 	  --sov-bench $(TARGET_DIR)/release/sov-bench --list-keys 1000000
+
+## Block volumes (3 replicas, encrypted) against qemu-storage-daemon exporting a raw file, both
+## over NBD with fio; and 4 KiB sector sealing, AES-GCM against XTS + blake3.
+bench-block:
+	./scripts/install-deps.sh --bench
+	$(CARGO) build --release --workspace --bins
+	$(TARGET_DIR)/release/sov-bench sector-crypto
+	python3 benchmarks/block/block_bench.py --sov-bin $(TARGET_DIR)/release
 
 ## metad against etcd (three members each, loopback).
 bench-metad:

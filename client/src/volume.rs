@@ -7,9 +7,9 @@
 //!   sequence only grows within it. The AAD binds the sector to its volume, extent and index.
 //!   The 16-byte tag is stored in the extent's metadata on storaged, which sees ciphertext only.
 //! - **Writes** go to every live member with the sector versions (epoch, seq); a member that
-//!   misses one is remembered as stale for that extent (never read from) and repaired in the
-//!   background. A write is acknowledged when every member taken as live has it and at least
-//!   `min_size` did.
+//!   misses one is remembered as stale for that extent (neither read from nor written to) and
+//!   repaired in the background. A write is acknowledged when at least `min_size` members
+//!   took it (`size - 1`, at least 1); the others are marked stale.
 //! - **Flush** fdatasyncs on every node written since the last flush.
 //! - **Reads** take one member's sectors and verify each tag; a sector that member lacks or
 //!   fails is read from the others, newest version first.
@@ -71,10 +71,19 @@ pub struct VolumeHandle {
     snap_seq: AtomicU64,
     lost: AtomicBool,
     holder: String,
-    /// Nodes written since the last flush.
-    unflushed: Mutex<HashSet<String>>,
-    /// Extent → members that missed writes (not read from until repaired).
-    stale: Mutex<HashMap<u64, HashSet<String>>>,
+    /// Nodes written since the last flush, with the extents written there.
+    unflushed: Mutex<HashMap<String, HashSet<u64>>>,
+    /// Extent → members that missed writes (neither read from nor written to until
+    /// repaired), each with the generation of its latest mark.
+    stale: Mutex<HashMap<u64, HashMap<String, u64>>>,
+    marks: AtomicU64,
+    /// Writes hold it shared; a change of the snapshot sequence takes it exclusively, so no
+    /// write carrying the old sequence is still in flight once the new one is reported.
+    gate: tokio::sync::RwLock<()>,
+    /// Nodes whose extents were not compared at open (down, or not answering): they may hold
+    /// stale data for any extent, so nothing is read from them until a later convergence
+    /// includes them.
+    unknown: Mutex<HashSet<String>>,
     /// Extents known to exist in this volume (a clone copies up the others before writing).
     present: Mutex<HashSet<u64>>,
     /// Serialize read-modify-write and copy-up per extent (striped).
@@ -183,13 +192,23 @@ impl VolumeHandle {
             snap_seq: AtomicU64::new(max_live_snap(&v)),
             lost: AtomicBool::new(false),
             holder: opts.holder.clone(),
-            unflushed: Mutex::new(HashSet::new()),
+            unflushed: Mutex::new(HashMap::new()),
             stale: Mutex::new(HashMap::new()),
+            marks: AtomicU64::new(0),
+            gate: tokio::sync::RwLock::new(()),
+            unknown: Mutex::new(HashSet::new()),
             present: Mutex::new(HashSet::new()),
             locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
         });
-        h.fence_all().await?;
-        h.converge().await?;
+        let ready = async {
+            h.fence_all().await?;
+            h.converge().await
+        };
+        if let Err(e) = ready.await {
+            // Give the lease back rather than hold it until it expires.
+            let _ = h.release().await;
+            return Err(e);
+        }
         Ok(h)
     }
 
@@ -212,13 +231,18 @@ impl VolumeHandle {
         self.lost.load(Ordering::Relaxed)
     }
 
-    /// Takes in a newer volume record (size, snapshots): what the exporter's watch sees.
-    pub fn refresh(&self, v: &mpb::Volume) {
+    /// Takes in a newer volume record (size, snapshots): what the exporter's watch sees. A
+    /// new snapshot sequence waits for the writes in flight to finish first.
+    pub async fn refresh(&self, v: &mpb::Volume) {
         if v.id != self.id {
             return;
         }
         self.size.fetch_max(v.size, Ordering::Relaxed);
-        self.snap_seq.store(max_live_snap(v), Ordering::Relaxed);
+        let seq = max_live_snap(v);
+        if seq != self.snap_seq() {
+            let _g = self.gate.write().await;
+            self.snap_seq.store(seq, Ordering::Relaxed);
+        }
     }
 
     /// Renews the lease; a lost lease stops every later write.
@@ -239,7 +263,7 @@ impl VolumeHandle {
             .await;
         match r {
             Ok(v) => {
-                self.refresh(&v);
+                self.refresh(&v).await;
                 Ok(v)
             }
             Err(s) => {
@@ -254,6 +278,11 @@ impl VolumeHandle {
     /// Flushes and gives the lease back.
     pub async fn close(&self) -> Result<(), ClientError> {
         let flushed = self.flush().await;
+        self.release().await?;
+        flushed
+    }
+
+    async fn release(&self) -> Result<(), ClientError> {
         let req = mpb::VolumeLeaseRequest {
             name: self.name.clone(),
             holder: self.holder.clone(),
@@ -267,7 +296,7 @@ impl VolumeHandle {
                 async move { c.release_volume_lease(req).await }
             })
             .await?;
-        flushed
+        Ok(())
     }
 
     async fn view(&self) -> Result<Arc<View>, ClientError> {
@@ -331,7 +360,8 @@ impl VolumeHandle {
                     self.lost.store(true, Ordering::Relaxed);
                     return Err(ClientError::Meta(s));
                 }
-                // A node that did not answer is not written to until it is repaired.
+                // Not fatal: the node may be down; converge() leaves unanswering nodes unread
+                // and unwritten until a later convergence includes them.
                 tracing::warn!(error = %s, "a node was not fenced");
             }
         }
@@ -342,6 +372,12 @@ impl VolumeHandle {
     pub async fn converge(&self) -> Result<usize, ClientError> {
         let view = self.view().await?;
         let mut digests: BTreeMap<u64, HashMap<String, Bytes>> = BTreeMap::new();
+        let mut unknown: HashSet<String> = view
+            .nodes
+            .values()
+            .filter(|n| !view.is_up(&n.id))
+            .map(|n| n.id.clone())
+            .collect();
         for n in view.up_nodes() {
             let req = pb::ListExtentsRequest {
                 volume_id: self.id.clone(),
@@ -362,7 +398,10 @@ impl VolumeHandle {
                         }
                     }
                 }
-                Err(e) => tracing::warn!(node = %n.id, error = %e, "listing extents failed"),
+                Err(e) => {
+                    tracing::warn!(node = %n.id, error = %e, "listing extents failed");
+                    unknown.insert(n.id.clone());
+                }
             }
         }
         let mut synced = 0;
@@ -373,10 +412,15 @@ impl VolumeHandle {
             let first = held.values().next().cloned();
             let same = live.iter().all(|m| held.get(*m) == first.as_ref());
             if !same {
-                self.sync_extent(&view, index).await?;
+                if let Err(e) = self.sync_extent(&view, index).await {
+                    // Until a convergence completes, these nodes stay unread.
+                    self.unknown.lock().expect("unknown").extend(unknown);
+                    return Err(e);
+                }
                 synced += 1;
             }
         }
+        *self.unknown.lock().expect("unknown") = unknown;
         if synced > 0 {
             tracing::info!(volume = %self.name, extents = synced, "replicas converged");
         }
@@ -387,6 +431,8 @@ impl VolumeHandle {
     /// snapshot copies it lacks). Clears the extent's stale marks for members it reached.
     pub async fn sync_extent(&self, view: &View, index: u64) -> Result<(), ClientError> {
         let (members, _) = self.members(view, &self.id, index)?;
+        // Marks made after this point (a write failing during the sync) must survive it.
+        let generation = self.marks.load(Ordering::SeqCst);
         let mut states = Vec::new();
         for m in members.iter().filter(|m| view.is_up(m)) {
             match self
@@ -444,6 +490,7 @@ impl VolumeHandle {
             .filter(|(_, r)| r.exists)
             .map(|(_, r)| r.born)
             .min();
+        let last_snap = states.iter().map(|(_, r)| r.last_snap).max().unwrap_or(0);
         let mut best: Vec<Option<usize>> = vec![None; SECTORS];
         for (i, b) in best.iter_mut().enumerate() {
             let mut top = (0u32, 0u64);
@@ -499,7 +546,8 @@ impl VolumeHandle {
                         volume_id: self.id.clone(),
                         index,
                     }),
-                    snap_seq: born.unwrap_or(0),
+                    snap_seq: last_snap,
+                    born: born.unwrap_or(0),
                     first_sector: run[0].0 as u32,
                     count: run.len() as u32,
                     data: data.freeze(),
@@ -524,7 +572,9 @@ impl VolumeHandle {
         let mut stale = self.stale.lock().expect("stale");
         if let Some(s) = stale.get_mut(&index) {
             for (m, _) in &states {
-                s.remove(m);
+                if s.get(m).is_some_and(|g| *g <= generation) {
+                    s.remove(m);
+                }
             }
             if s.is_empty() {
                 stale.remove(&index);
@@ -536,11 +586,22 @@ impl VolumeHandle {
     /// Repairs the extents whose replicas missed writes, where the member is back.
     pub async fn repair_stale(&self) -> Result<usize, ClientError> {
         let view = self.view().await?;
+        let back = self
+            .unknown
+            .lock()
+            .expect("unknown")
+            .iter()
+            .any(|n| view.is_up(n));
+        if back {
+            // A node absent at open is back: compare everything again, with it.
+            let n = self.converge().await?;
+            return Ok(n);
+        }
         let todo: Vec<u64> = {
             let stale = self.stale.lock().expect("stale");
             stale
                 .iter()
-                .filter(|(_, ms)| ms.iter().any(|m| view.is_up(m)))
+                .filter(|(_, ms)| ms.keys().any(|m| view.is_up(m)))
                 .map(|(i, _)| *i)
                 .collect()
         };
@@ -554,9 +615,9 @@ impl VolumeHandle {
         Ok(n)
     }
 
-    /// Extents with a member known to lack writes.
+    /// Extents with a member known to lack writes, plus nodes not yet compared since open.
     pub fn stale_extents(&self) -> usize {
-        self.stale.lock().expect("stale").len()
+        self.stale.lock().expect("stale").len() + self.unknown.lock().expect("unknown").len()
     }
 
     async fn lock(&self, index: u64) -> tokio::sync::MutexGuard<'_, ()> {
@@ -624,12 +685,15 @@ impl VolumeHandle {
     ) -> Result<Option<Vec<Bytes>>, ClientError> {
         let (members, _) = self.members(view, volume_id, index)?;
         let stale: HashSet<String> = if volume_id == self.id {
-            self.stale
+            let mut s = self
+                .stale
                 .lock()
                 .expect("stale")
                 .get(&index)
-                .cloned()
-                .unwrap_or_default()
+                .map(|m| m.keys().cloned().collect::<HashSet<String>>())
+                .unwrap_or_default();
+            s.extend(self.unknown.lock().expect("unknown").iter().cloned());
+            s
         } else {
             HashSet::new()
         };
@@ -760,12 +824,27 @@ impl VolumeHandle {
     }
 
     fn mark_stale(&self, index: u64, node: &str) {
+        let g = self.marks.fetch_add(1, Ordering::SeqCst) + 1;
         self.stale
             .lock()
             .expect("stale")
             .entry(index)
             .or_default()
-            .insert(node.to_string());
+            .insert(node.to_string(), g);
+    }
+
+    /// Members not to write to or read from for this extent: stale there, or not compared
+    /// since open.
+    fn excluded(&self, index: u64) -> HashSet<String> {
+        let mut s: HashSet<String> = self
+            .stale
+            .lock()
+            .expect("stale")
+            .get(&index)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        s.extend(self.unknown.lock().expect("unknown").iter().cloned());
+        s
     }
 
     /// Plaintext of sectors `first..first+count` of an extent, reading through parents.
@@ -899,6 +978,7 @@ impl VolumeHandle {
                 self.name, self.epoch
             ))));
         }
+        let _gate = self.gate.read().await;
         let seq = self.seq.fetch_add(count as u64, Ordering::Relaxed);
         let (payload, tags) = match &data {
             Some(plain) => {
@@ -939,8 +1019,11 @@ impl VolumeHandle {
         };
         let mut skipped = Vec::new();
         let mut calls = Vec::new();
+        // A member that missed writes is brought up to date by repair, not by new writes
+        // (it would otherwise preserve its stale content in a snapshot copy).
+        let excluded = self.excluded(index);
         for m in &members {
-            if !self.live(view, m) {
+            if !self.live(view, m) || excluded.contains(m) {
                 skipped.push(m.clone());
                 continue;
             }
@@ -973,7 +1056,12 @@ impl VolumeHandle {
                 Ok(node) => {
                     ok += 1;
                     if !fua {
-                        self.unflushed.lock().expect("unflushed").insert(node);
+                        self.unflushed
+                            .lock()
+                            .expect("unflushed")
+                            .entry(node)
+                            .or_default()
+                            .insert(index);
                     }
                 }
                 Err((node, s)) => {
@@ -1099,13 +1187,13 @@ impl VolumeHandle {
 
     /// Makes every acknowledged write durable on every node that took it.
     pub async fn flush(&self) -> Result<(), ClientError> {
-        let nodes_to_flush: Vec<String> =
+        let todo: Vec<(String, HashSet<u64>)> =
             self.unflushed.lock().expect("unflushed").drain().collect();
-        if nodes_to_flush.is_empty() {
+        if todo.is_empty() {
             return Ok(());
         }
         let view = self.view().await?;
-        let calls = nodes_to_flush.iter().map(|n| {
+        let calls = todo.iter().map(|(n, _)| {
             let nodes = self.client.nodes();
             let addr = view.addr(n).map(str::to_string);
             let req = pb::FlushVolumeRequest {
@@ -1119,14 +1207,26 @@ impl VolumeHandle {
                     .await
             }
         });
+        let results = join_all(calls).await;
         let mut failed = Vec::new();
-        for (n, r) in nodes_to_flush.iter().zip(join_all(calls).await) {
-            if let Err(s) = r
-                && view.is_up(n)
-            {
+        for ((n, extents), r) in todo.into_iter().zip(results) {
+            let Err(s) = r else { continue };
+            self.client.nodes().suspect(&n);
+            if view.is_up(&n) {
                 failed.push(format!("{n}: {}", s.message()));
-                self.unflushed.lock().expect("unflushed").insert(n.clone());
-                self.client.nodes().suspect(n);
+                self.unflushed
+                    .lock()
+                    .expect("unflushed")
+                    .entry(n)
+                    .or_default()
+                    .extend(extents);
+            } else {
+                // The node is down: what it took since the last flush may be lost there. Its
+                // copies of those extents are rewritten from the others when it is back; the
+                // others were flushed above.
+                for e in extents {
+                    self.mark_stale(e, &n);
+                }
             }
         }
         if !failed.is_empty() {

@@ -77,17 +77,25 @@ fn sibling_binary(name: &str) -> Result<PathBuf, CliError> {
     Ok(p)
 }
 
-/// Stops in reverse start order: storage nodes first, metad last.
+/// Stops in reverse start order, in two waves: first the daemons that use the others (the
+/// vhost-blk flushes and releases its volumes through metad and storaged, the gateway finishes
+/// its requests), then storage nodes, and metad last.
 fn stop_all(nodes: &mut [Node]) {
     nodes.reverse();
-    for n in nodes.iter() {
+    let front = |n: &Node| n.name.starts_with("vhost-blk") || n.name.starts_with("gateway");
+    stop_wave(nodes, front);
+    stop_wave(nodes, |n| !front(n));
+}
+
+fn stop_wave(nodes: &mut [Node], pick: impl Fn(&Node) -> bool) {
+    for n in nodes.iter().filter(|n| pick(n)) {
         // SAFETY: kill(2) on the pid of a child we started.
         unsafe {
             libc::kill(n.child.id() as i32, libc::SIGTERM);
         }
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    for n in nodes.iter_mut() {
+    for n in nodes.iter_mut().filter(|n| pick(n)) {
         loop {
             match n.child.try_wait() {
                 Ok(Some(s)) => {

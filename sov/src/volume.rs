@@ -307,8 +307,12 @@ pub async fn run(cmd: VolumeCmd, out: Output) -> Result<(), CliError> {
             let id = id.unwrap_or(v.last_snap_id);
             // An attached volume: the snapshot holds once the exporter's writes carry it.
             let v = wait_for(&mc, &volume, wait.timeout, "the snapshot", |v| {
-                if v.state != "in-use" {
-                    return Some(Ok(()));
+                match v.state.as_str() {
+                    // Not exported: the snapshot holds at once.
+                    "available" | "error" | "creating" | "deleting" => return Some(Ok(())),
+                    // Being attached or detached: wait for it to settle.
+                    "attaching" | "detaching" => return None,
+                    _ => {}
                 }
                 let seen = v.attachment.as_ref().map(|a| a.snap_seen).unwrap_or(0);
                 (seen >= id).then_some(Ok(()))

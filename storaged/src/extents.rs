@@ -139,6 +139,8 @@ pub struct Extents {
     io: Io,
     open: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<Option<Extent>>>>>,
     fences: Mutex<HashMap<String, u64>>,
+    /// Serializes raising fences (check, write, rename).
+    fence_write: Mutex<()>,
     dirty: Mutex<HashMap<String, HashSet<u64>>>,
 }
 
@@ -168,6 +170,12 @@ fn check_range(first: u32, count: u32) -> Result<(usize, usize), Status> {
     Ok((f, c))
 }
 
+fn sync_dir(d: &Path) -> Result<(), Status> {
+    File::open(d)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| ioerr("syncing a folder", e))
+}
+
 fn version(v: &pb::SectorVersion) -> (u32, u64) {
     (v.epoch, v.seq)
 }
@@ -175,11 +183,19 @@ fn version(v: &pb::SectorVersion) -> (u32, u64) {
 impl Extents {
     pub fn open(root: &Path, io: Io) -> std::io::Result<Extents> {
         std::fs::create_dir_all(root)?;
+        // Writes acknowledged by a previous process may still be only in the page cache, and
+        // the list of what the next FLUSH must sync died with it: sync them all now.
+        let dir = File::open(root)?;
+        // SAFETY: syncfs on a valid open descriptor.
+        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
         Ok(Extents {
             root: root.to_path_buf(),
             io,
             open: Mutex::new(HashMap::new()),
             fences: Mutex::new(HashMap::new()),
+            fence_write: Mutex::new(()),
             dirty: Mutex::new(HashMap::new()),
         })
     }
@@ -230,10 +246,17 @@ impl Extents {
             let raw = std::fs::read(&meta).map_err(|e| ioerr("reading extent metadata", e))?;
             Meta::decode(&raw).map_err(|e| Status::data_loss(format!("{}: {e}", meta.display())))?
         } else {
-            std::fs::create_dir_all(self.vol_dir(vol))
-                .map_err(|e| ioerr("creating the volume folder", e))?;
+            self.make_vol_dir(vol)?;
             let m = Meta::new(create_born.unwrap_or(0));
             std::fs::write(&meta, m.encode()).map_err(|e| ioerr("creating extent metadata", e))?;
+            // The new files' names must survive a crash along with what FLUSH syncs in them.
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&dat)
+                .map_err(|e| ioerr("creating extent data", e))?;
+            sync_dir(&self.vol_dir(vol))?;
             m
         };
         let open = |p: &Path| {
@@ -255,6 +278,16 @@ impl Extents {
             dirty: false,
         });
         Ok(!exists)
+    }
+
+    /// Creates the volume's folder (and makes its name durable) if it is new.
+    fn make_vol_dir(&self, vol: &str) -> Result<(), Status> {
+        let d = self.vol_dir(vol);
+        if !d.exists() {
+            std::fs::create_dir_all(&d).map_err(|e| ioerr("creating the volume folder", e))?;
+            sync_dir(&self.root)?;
+        }
+        Ok(())
     }
 
     fn copy_tags(&self, vol: &str, index: u64) -> Vec<u64> {
@@ -291,6 +324,7 @@ impl Extents {
 
     /// Checks `epoch` against the volume's fence and raises the fence to it.
     fn fence(&self, vol: &str, epoch: u64) -> Result<u64, Status> {
+        let _g = self.fence_write.lock().expect("fence lock");
         let cur = self.fence_of(vol);
         if epoch < cur {
             return Err(Status::failed_precondition(format!(
@@ -298,8 +332,7 @@ impl Extents {
             )));
         }
         if epoch > cur {
-            std::fs::create_dir_all(self.vol_dir(vol))
-                .map_err(|e| ioerr("creating the volume folder", e))?;
+            self.make_vol_dir(vol)?;
             let tmp = self.vol_dir(vol).join("fence.tmp");
             let write = || -> std::io::Result<()> {
                 let f = File::create(&tmp)?;
@@ -341,7 +374,7 @@ impl Extents {
             std::fs::write(&tmp, &meta_bytes)?;
             File::open(&tmp)?.sync_data()?;
             std::fs::rename(&tmp, &dst_meta)?;
-            Ok(())
+            File::open(dst_meta.parent().expect("a folder"))?.sync_all()
         })
         .await
         .map_err(|e| ioerr("copy task", e))?
@@ -405,8 +438,14 @@ impl Extents {
         }
         let slot = self.slot(vol, addr.index);
         let mut g = slot.lock().await;
-        let created = self.load(vol, addr.index, &mut g, Some(r.snap_seq))?;
+        let born = if r.repair { r.born } else { r.snap_seq };
+        let created = self.load(vol, addr.index, &mut g, Some(born))?;
         let e = g.as_mut().expect("loaded or created");
+        if r.repair && r.snap_seq > e.meta.last_snap {
+            // The source wrote after that snapshot: its copies came first (PutSnapCopy), so
+            // this replica must not make one of its own later.
+            e.meta.last_snap = r.snap_seq;
+        }
         if !r.repair && !created && r.snap_seq > e.meta.last_snap {
             if e.meta.recs.iter().any(|x| x.flags != 0) {
                 self.preserve(vol, addr.index, e, r.snap_seq).await?;
@@ -501,30 +540,31 @@ impl Extents {
     /// fdatasyncs every extent of the volume written since the last flush.
     pub async fn flush(&self, vol: &str) -> Result<u32, Status> {
         check_volume_id(vol)?;
-        let dirty = self
+        let dirty: Vec<u64> = self
             .dirty
             .lock()
             .expect("dirty set")
             .remove(vol)
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         let mut n = 0;
-        for index in dirty {
+        for (k, &index) in dirty.iter().enumerate() {
             let slot = self.slot(vol, index);
             let mut g = slot.lock().await;
-            if let Some(e) = g.as_mut() {
-                if let Err(err) = self.sync_extent(e).await {
-                    // Still dirty: the next flush tries again.
-                    self.dirty
-                        .lock()
-                        .expect("dirty set")
-                        .entry(vol.to_string())
-                        .or_default()
-                        .insert(index);
-                    return Err(err);
-                }
-                e.dirty = false;
-                n += 1;
+            let Some(e) = g.as_mut() else { continue };
+            // Cleared first: a write landing during the sync marks it dirty again.
+            e.dirty = false;
+            if let Err(err) = self.sync_extent(e).await {
+                // This one and the rest stay dirty: the next flush tries again.
+                e.dirty = true;
+                drop(g);
+                let mut d = self.dirty.lock().expect("dirty set");
+                let set = d.entry(vol.to_string()).or_default();
+                set.extend(dirty[k..].iter().copied());
+                return Err(err);
             }
+            n += 1;
         }
         Ok(n)
     }
@@ -544,6 +584,7 @@ impl Extents {
             exists: true,
             snap_copies: e.copies.clone(),
             born: e.meta.born,
+            last_snap: e.meta.last_snap,
             ..Default::default()
         };
         // Which content: the head, or the copy that holds the snapshot.
@@ -631,16 +672,19 @@ impl Extents {
             let tmp = meta.with_extension("meta.tmp");
             std::fs::write(&tmp, &bytes)?;
             File::open(&tmp)?.sync_data()?;
-            std::fs::rename(&tmp, &meta)
+            std::fs::rename(&tmp, &meta)?;
+            File::open(meta.parent().expect("a folder"))?.sync_all()
         })
         .await
         .map_err(|e| ioerr("copy task", e))?
         .map_err(|e| ioerr("storing a snapshot copy", e))?;
         e.copies.push(r.tag);
         e.copies.sort_unstable();
-        // The head's `born` cannot be younger than the copy's.
-        if r.born < e.meta.born {
-            e.meta.born = r.born;
+        // The head's `born` cannot be younger than the copy's, and a copy tagged T means a
+        // write after snapshot T happened.
+        if r.born < e.meta.born || r.tag > e.meta.last_snap {
+            e.meta.born = e.meta.born.min(r.born);
+            e.meta.last_snap = e.meta.last_snap.max(r.tag);
             self.write_meta(e, 0, 1).await?;
         }
         Ok(1)

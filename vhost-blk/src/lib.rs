@@ -328,7 +328,7 @@ impl Exporter {
                         .get(&v.name)
                         .map(|x| x.dev.clone());
                     if let Some(dev) = dev {
-                        dev.handle.refresh(v);
+                        dev.handle.refresh(v).await;
                         let seen_now = dev.handle.snap_seq();
                         if a.snap_seen != seen_now {
                             let att = mpb::VolumeAttachment {

@@ -267,6 +267,78 @@ async fn volumes_over_nbd_with_real_clients() {
     assert!(cmp.contains("identical"), "{cmp}");
     let info = must("qemu-img", &["info", "-f", "raw", &uri]);
     assert!(info.contains("64 MiB"), "{info}");
+    // qemu-img convert both ways: the volume out to a file, and a file into the volume.
+    let conv = dir.path().join("v1-convert.raw");
+    must(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            conv.to_str().unwrap(),
+        ],
+    );
+    let cmp = must(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            conv.to_str().unwrap(),
+            &uri,
+        ],
+    );
+    assert!(cmp.contains("identical"), "{cmp}");
+    let src = dir.path().join("src.raw");
+    let mut pattern = vec![0u8; 64 * MIB as usize];
+    for (i, b) in pattern
+        .iter_mut()
+        .enumerate()
+        .skip(24 * MIB as usize)
+        .take(MIB as usize)
+    {
+        *b = (i % 251) as u8;
+    }
+    std::fs::write(&src, &pattern).unwrap();
+    must(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            src.to_str().unwrap(),
+            &uri,
+        ],
+    );
+    let cmp = must(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            src.to_str().unwrap(),
+            &uri,
+        ],
+    );
+    assert!(cmp.contains("identical"), "{cmp}");
+    // Several connections at once (the export offers multi-conn).
+    let raw4 = dir.path().join("v1-4conn.raw");
+    must(
+        "nbdcopy",
+        &["--connections=4", &uri, raw4.to_str().unwrap()],
+    );
+    assert_eq!(std::fs::read(&raw4).unwrap(), pattern);
+    qemu_io(&uri, &["write -P 0xab 0 1M", "flush"]);
 
     // Storage never holds the plaintext: 0xab sectors are encrypted on every node.
     let plain = vec![0xabu8; 4096];
@@ -459,6 +531,34 @@ async fn volumes_over_nbd_with_real_clients() {
     assert_eq!(&new.read(0, 4096).await.unwrap()[..], &[1u8; 4096][..]);
     assert_eq!(&new.read(4096, 4096).await.unwrap()[..], &[0u8; 4096][..]);
     new.close().await.unwrap();
+
+    // QoS: a volume limited to 100 IOPS gets about that, whatever fio asks for.
+    sov.json(&[
+        "volume", "create", "slow", "--size", "8MiB", "--pool", "vols", "--iops", "100",
+    ]);
+    let suri = sov.attach("slow");
+    let out = must(
+        "fio",
+        &[
+            "--name=q",
+            "--ioengine=nbd",
+            &format!("--uri={suri}"),
+            "--rw=randread",
+            "--bs=4k",
+            "--iodepth=8",
+            "--size=8M",
+            "--time_based",
+            "--runtime=3",
+            "--output-format=json",
+        ],
+    );
+    let j: Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    let iops = j["jobs"][0]["read"]["iops"].as_f64().unwrap();
+    assert!(
+        (40.0..=150.0).contains(&iops),
+        "QoS of 100 IOPS gave {iops}"
+    );
+    sov.json(&["volume", "detach", "slow"]);
 
     // Metrics.
     let m = sov_testkit::http_get(&vb.metrics_url()).unwrap();
