@@ -385,29 +385,40 @@ impl Extents {
     }
 
     async fn write_meta(&self, e: &Extent, first: usize, count: usize) -> Result<(), Status> {
-        let mut buf = vec![0u8; HEADER + RECORD * count];
-        buf[..HEADER].copy_from_slice(&e.meta.header());
-        // The header and the changed records: two writes when they are not adjacent.
-        self.io
-            .write(
-                e.meta_file.clone(),
-                0,
-                vec![Bytes::copy_from_slice(&buf[..HEADER])],
-            )
-            .await
-            .map_err(|e| ioerr("writing extent metadata", e))?;
-        let recs = &mut buf[HEADER..];
+        futures::future::try_join_all(self.meta_writes(e, first, count, true)).await?;
+        Ok(())
+    }
+
+    /// The writes that put records `first..first+count` (and the header, with `header`) on
+    /// disk, to run together with the data writes.
+    fn meta_writes(
+        &self,
+        e: &Extent,
+        first: usize,
+        count: usize,
+        header: bool,
+    ) -> Vec<std::pin::Pin<Box<dyn Future<Output = Result<(), Status>> + Send + 'static>>> {
+        let mut out: Vec<std::pin::Pin<Box<dyn Future<Output = Result<(), Status>> + Send>>> =
+            Vec::new();
+        if header {
+            let (io, f, h) = (self.io.clone(), e.meta_file.clone(), e.meta.header());
+            out.push(Box::pin(async move {
+                io.write(f, 0, vec![Bytes::copy_from_slice(&h)])
+                    .await
+                    .map_err(|e| ioerr("writing extent metadata", e))
+            }));
+        }
+        let mut recs = vec![0u8; RECORD * count];
         for i in 0..count {
             e.meta.recs[first + i].encode(&mut recs[i * RECORD..(i + 1) * RECORD]);
         }
-        self.io
-            .write(
-                e.meta_file.clone(),
-                (HEADER + first * RECORD) as u64,
-                vec![Bytes::copy_from_slice(recs)],
-            )
-            .await
-            .map_err(|e| ioerr("writing extent metadata", e))
+        let (io, f) = (self.io.clone(), e.meta_file.clone());
+        out.push(Box::pin(async move {
+            io.write(f, (HEADER + first * RECORD) as u64, vec![Bytes::from(recs)])
+                .await
+                .map_err(|e| ioerr("writing extent metadata", e))
+        }));
+        out
     }
 
     pub async fn write(&self, r: pb::WriteExtentRequest) -> Result<u32, Status> {
@@ -441,6 +452,7 @@ impl Extents {
         let born = if r.repair { r.born } else { r.snap_seq };
         let created = self.load(vol, addr.index, &mut g, Some(born))?;
         let e = g.as_mut().expect("loaded or created");
+        let header_before = (e.meta.born, e.meta.last_snap);
         if r.repair && r.snap_seq > e.meta.last_snap {
             // The source wrote after that snapshot: its copies came first (PutSnapCopy), so
             // this replica must not make one of its own later.
@@ -465,7 +477,11 @@ impl Extents {
             let new = new_version(i);
             *a = if r.repair { new > cur } else { new >= cur };
         }
-        // Data first, then the records that describe it.
+        // The data and the records that describe it are written together: without a sync in
+        // between, their order on disk is not defined anyway (a torn sector fails its tag and
+        // is repaired from another replica).
+        let mut writes: Vec<std::pin::Pin<Box<dyn Future<Output = Result<(), Status>> + Send>>> =
+            Vec::new();
         if !r.zero {
             let mut i = 0;
             while i < count {
@@ -478,14 +494,13 @@ impl Extents {
                     i += 1;
                 }
                 let bytes = r.data.slice(start * SECTOR..i * SECTOR);
-                self.io
-                    .write(
-                        e.dat.clone(),
-                        ((first + start) * SECTOR) as u64,
-                        vec![bytes],
-                    )
-                    .await
-                    .map_err(|e| ioerr("writing extent data", e))?;
+                let (io, f) = (self.io.clone(), e.dat.clone());
+                let at = ((first + start) * SECTOR) as u64;
+                writes.push(Box::pin(async move {
+                    io.write(f, at, vec![bytes])
+                        .await
+                        .map_err(|e| ioerr("writing extent data", e))
+                }));
             }
         }
         let mut n = 0;
@@ -511,7 +526,14 @@ impl Extents {
                 tag,
             };
         }
-        self.write_meta(e, first, count).await?;
+        let header = created || (e.meta.born, e.meta.last_snap) != header_before;
+        writes.extend(self.meta_writes(e, first, count, header));
+        if let Err(err) = futures::future::try_join_all(writes).await {
+            // Memory may now be ahead of the disk: read the extent again next time.
+            *g = None;
+            return Err(err);
+        }
+        let e = g.as_mut().expect("still loaded");
         if r.fua {
             self.sync_extent(e).await?;
         } else if !e.dirty {
