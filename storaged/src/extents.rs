@@ -133,6 +133,9 @@ struct Extent {
 
 type Key = (String, u64);
 
+/// One disk write of an extent operation, run together with the others.
+type IoFuture = std::pin::Pin<Box<dyn Future<Output = Result<(), Status>> + Send + 'static>>;
+
 /// Every extent on this node.
 pub struct Extents {
     root: PathBuf,
@@ -391,15 +394,8 @@ impl Extents {
 
     /// The writes that put records `first..first+count` (and the header, with `header`) on
     /// disk, to run together with the data writes.
-    fn meta_writes(
-        &self,
-        e: &Extent,
-        first: usize,
-        count: usize,
-        header: bool,
-    ) -> Vec<std::pin::Pin<Box<dyn Future<Output = Result<(), Status>> + Send + 'static>>> {
-        let mut out: Vec<std::pin::Pin<Box<dyn Future<Output = Result<(), Status>> + Send>>> =
-            Vec::new();
+    fn meta_writes(&self, e: &Extent, first: usize, count: usize, header: bool) -> Vec<IoFuture> {
+        let mut out: Vec<IoFuture> = Vec::new();
         if header {
             let (io, f, h) = (self.io.clone(), e.meta_file.clone(), e.meta.header());
             out.push(Box::pin(async move {
@@ -480,8 +476,7 @@ impl Extents {
         // The data and the records that describe it are written together: without a sync in
         // between, their order on disk is not defined anyway (a torn sector fails its tag and
         // is repaired from another replica).
-        let mut writes: Vec<std::pin::Pin<Box<dyn Future<Output = Result<(), Status>> + Send>>> =
-            Vec::new();
+        let mut writes: Vec<IoFuture> = Vec::new();
         if !r.zero {
             let mut i = 0;
             while i < count {
