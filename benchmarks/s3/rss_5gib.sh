@@ -5,7 +5,8 @@ set -euo pipefail
 B=${BIN_DIR:-${CARGO_TARGET_DIR:-target}/release}
 D=$(mktemp -d /tmp/sov-rss-XXXXXX)
 $B/sov up --data $D/c --metad-port 17400 --metad-metrics-port 17401 --storaged-base-port 17100 \
-  --metrics-base-port 17200 --s3-port 19000 --gateway-metrics-port 19300 > $D/up.log 2>&1 &
+  --metrics-base-port 17200 --s3-port 19000 --gateway-metrics-port 19300 \
+  --nbd-port 19809 --vhost-blk-metrics-port 19500 > $D/up.log 2>&1 &
 UP=$!
 trap 'kill -TERM $UP; wait $UP; rm -rf $D' EXIT
 for _ in $(seq 1 600); do [[ -s $D/c/cluster.json ]] && break; sleep 0.2; done

@@ -131,7 +131,8 @@ def main():
         up = [args.sov_bin, "up", "--data", f"{work}/sov", "--s3-port", str(s3port),
               "--gateway-metrics-port", str(free_port()), "--metad-port", str(free_port()),
               "--metad-metrics-port", str(free_port()), "--storaged-base-port", str(free_range(3)),
-              "--metrics-base-port", str(free_range(3))]
+              "--metrics-base-port", str(free_range(3)), "--nbd-port", str(free_port()),
+              "--vhost-blk-metrics-port", str(free_port())]
         procs.append(subprocess.Popen(up, stdout=open(f"{work}/up.log", "w"), stderr=subprocess.STDOUT))
         cj = f"{work}/sov/cluster.json"
         end = time.time() + 120

@@ -84,6 +84,8 @@ pub struct VolumeHandle {
     /// stale data for any extent, so nothing is read from them until a later convergence
     /// includes them.
     unknown: Mutex<HashSet<String>>,
+    /// The newest cluster map seen, to notice nodes that come (back) up.
+    last_view: Mutex<Option<Arc<View>>>,
     /// Extents known to exist in this volume (a clone copies up the others before writing).
     present: Mutex<HashSet<u64>>,
     /// Serialize read-modify-write and copy-up per extent (striped).
@@ -197,6 +199,7 @@ impl VolumeHandle {
             marks: AtomicU64::new(0),
             gate: tokio::sync::RwLock::new(()),
             unknown: Mutex::new(HashSet::new()),
+            last_view: Mutex::new(None),
             present: Mutex::new(HashSet::new()),
             locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
         });
@@ -299,8 +302,29 @@ impl VolumeHandle {
         Ok(())
     }
 
+    /// The cluster map. A node that is up in it but was not in the previous one (it was down
+    /// or out, or is new) may have missed writes to any extent, including while it was out of
+    /// the placement groups: it is neither read nor written until a convergence includes it.
     async fn view(&self) -> Result<Arc<View>, ClientError> {
-        Ok(self.client.map().get().await?)
+        let v = self.client.map().get().await?;
+        let mut last = self.last_view.lock().expect("last view");
+        match last.as_ref() {
+            Some(prev) if prev.epoch < v.epoch => {
+                let back: Vec<String> = v
+                    .up_nodes()
+                    .filter(|n| !prev.is_up(&n.id))
+                    .map(|n| n.id.clone())
+                    .collect();
+                if !back.is_empty() {
+                    tracing::info!(volume = %self.name, nodes = ?back, "nodes back up: not used until compared");
+                    self.unknown.lock().expect("unknown").extend(back);
+                }
+                *last = Some(v.clone());
+            }
+            Some(_) => {}
+            None => *last = Some(v.clone()),
+        }
+        Ok(v)
     }
 
     /// The members of an extent's PG (node id, address), in placement order.
@@ -378,6 +402,7 @@ impl VolumeHandle {
             .filter(|n| !view.is_up(&n.id))
             .map(|n| n.id.clone())
             .collect();
+        let mut listed: HashSet<String> = HashSet::new();
         for n in view.up_nodes() {
             let req = pb::ListExtentsRequest {
                 volume_id: self.id.clone(),
@@ -389,6 +414,7 @@ impl VolumeHandle {
                 .await
             {
                 Ok(r) => {
+                    listed.insert(n.id.clone());
                     for s in r.into_inner().extents {
                         if let Some(a) = s.extent {
                             digests
@@ -420,7 +446,12 @@ impl VolumeHandle {
                 synced += 1;
             }
         }
-        *self.unknown.lock().expect("unknown") = unknown;
+        {
+            // Compared now: the listed nodes. Nodes that came up meanwhile stay unknown.
+            let mut u = self.unknown.lock().expect("unknown");
+            u.retain(|n| !listed.contains(n));
+            u.extend(unknown);
+        }
         if synced > 0 {
             tracing::info!(volume = %self.name, extents = synced, "replicas converged");
         }

@@ -49,10 +49,18 @@ fn start_up(data: &Path, ports: &[String]) -> Up {
         std::thread::sleep(Duration::from_millis(100));
     };
     let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+    // The gateway's /metrics is on the port given with --gateway-metrics-port.
+    let gw_port = ports
+        .iter()
+        .position(|p| p == "--gateway-metrics-port")
+        .map(|i| ports[i + 1].clone())
+        .expect("a --gateway-metrics-port");
     let gateway_metrics = v["metrics"]
         .as_array()
-        .and_then(|m| m.last())
-        .and_then(|m| m.as_str())
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.as_str())
+        .find(|m| m.contains(&format!(":{gw_port}/")))
         .unwrap_or_default()
         .to_string();
     Up {
@@ -135,6 +143,10 @@ fn aws_cli_and_boto3_against_sov_up() {
         "--s3-port".into(),
         free_port().to_string(),
         "--gateway-metrics-port".into(),
+        free_port().to_string(),
+        "--nbd-port".into(),
+        free_port().to_string(),
+        "--vhost-blk-metrics-port".into(),
         free_port().to_string(),
     ];
     let mut up = start_up(&data, &ports);

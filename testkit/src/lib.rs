@@ -205,6 +205,33 @@ pub fn wait_ready<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// Starts daemon `name` (a binary of the workspace) with `args` and `--ready-file
+/// <work>/<name>-ready-<n>.json`, its output in `<work>/<name>.log`, and waits until it is ready.
+pub fn launch<T: serde::de::DeserializeOwned>(
+    name: &str,
+    work: &Path,
+    args: &[String],
+    env: &[(String, String)],
+    n: u32,
+    timeout: Duration,
+) -> anyhow::Result<(Process, T)> {
+    std::fs::create_dir_all(work)?;
+    let ready_file = work.join(format!("{name}-ready-{n}.json"));
+    let _ = std::fs::remove_file(&ready_file);
+    let mut all = args.to_vec();
+    all.push("--ready-file".into());
+    all.push(ready_file.display().to_string());
+    let mut proc = Process::spawn_env(
+        name,
+        &bin_path(name),
+        &all,
+        env,
+        &work.join(format!("{name}.log")),
+    )?;
+    let ready = wait_ready(&mut proc, &ready_file, timeout)?;
+    Ok((proc, ready))
+}
+
 /// A running storaged.
 pub struct Storaged {
     pub proc: Process,
@@ -262,21 +289,7 @@ impl Storaged {
         env: &[(String, String)],
         n: u32,
     ) -> anyhow::Result<(Process, Ready)> {
-        std::fs::create_dir_all(work)?;
-        let ready_file = work.join(format!("storaged-ready-{n}.json"));
-        let _ = std::fs::remove_file(&ready_file);
-        let mut all = args.to_vec();
-        all.push("--ready-file".into());
-        all.push(ready_file.display().to_string());
-        let mut proc = Process::spawn_env(
-            "storaged",
-            &bin_path("storaged"),
-            &all,
-            env,
-            &work.join("storaged.log"),
-        )?;
-        let ready = wait_ready(&mut proc, &ready_file, Duration::from_secs(120))?;
-        Ok((proc, ready))
+        launch("storaged", work, args, env, n, Duration::from_secs(120))
     }
 
     /// Starts it again with the same disks and flags (new ports), after a kill or a stop.
@@ -425,15 +438,7 @@ impl Metad {
     }
 
     fn launch(work: &Path, args: &[String], n: u32) -> anyhow::Result<(Process, MetadReady)> {
-        std::fs::create_dir_all(work)?;
-        let ready_file = work.join(format!("metad-ready-{n}.json"));
-        let _ = std::fs::remove_file(&ready_file);
-        let mut all = args.to_vec();
-        all.push("--ready-file".into());
-        all.push(ready_file.display().to_string());
-        let mut proc = Process::spawn("metad", &bin_path("metad"), &all, &work.join("metad.log"))?;
-        let ready = wait_ready(&mut proc, &ready_file, Duration::from_secs(60))?;
-        Ok((proc, ready))
+        launch("metad", work, args, &[], n, Duration::from_secs(60))
     }
 
     /// Starts it again on the same address and data (after a kill).
@@ -841,20 +846,7 @@ impl VhostBlk {
     }
 
     fn launch(work: &Path, args: &[String], n: u32) -> anyhow::Result<(Process, VhostBlkReady)> {
-        std::fs::create_dir_all(work)?;
-        let ready_file = work.join(format!("vhost-blk-ready-{n}.json"));
-        let _ = std::fs::remove_file(&ready_file);
-        let mut all = args.to_vec();
-        all.push("--ready-file".into());
-        all.push(ready_file.display().to_string());
-        let mut proc = Process::spawn(
-            "vhost-blk",
-            &bin_path("vhost-blk"),
-            &all,
-            &work.join("vhost-blk.log"),
-        )?;
-        let ready = wait_ready(&mut proc, &ready_file, Duration::from_secs(60))?;
-        Ok((proc, ready))
+        launch("vhost-blk", work, args, &[], n, Duration::from_secs(60))
     }
 
     /// Kills it (`kill -9`) and starts it again with the same flags and NBD port.

@@ -177,34 +177,7 @@ impl<E: Exports> NbdServer<E> {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()>,
     ) {
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let mut conns = JoinSet::new();
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => break,
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let _ = stream.set_nodelay(true);
-                        let server = self.clone();
-                        let rx = stop_rx.clone();
-                        conns.spawn(async move {
-                            debug!(%peer, "nbd: tcp connection");
-                            let r = server.handle_inner(stream, Some(rx)).await;
-                            log_end(&r, &peer.to_string());
-                        });
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "nbd: accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-            }
-        }
-        info!("nbd: tcp listener shutting down");
-        let _ = stop_tx.send(true);
-        while conns.join_next().await.is_some() {}
+        self.serve(listener, shutdown).await
     }
 
     /// Serves Unix socket connections until `shutdown` resolves (same semantics as
@@ -214,6 +187,10 @@ impl<E: Exports> NbdServer<E> {
         listener: tokio::net::UnixListener,
         shutdown: impl Future<Output = ()>,
     ) {
+        self.serve(listener, shutdown).await
+    }
+
+    async fn serve<L: Listener>(self: Arc<Self>, listener: L, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut conns = JoinSet::new();
         tokio::pin!(shutdown);
@@ -221,14 +198,14 @@ impl<E: Exports> NbdServer<E> {
             tokio::select! {
                 _ = &mut shutdown => break,
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => {
+                accepted = listener.accept_one() => match accepted {
+                    Ok((stream, peer)) => {
                         let server = self.clone();
                         let rx = stop_rx.clone();
                         conns.spawn(async move {
-                            debug!("nbd: unix connection");
+                            debug!(%peer, "nbd: connection");
                             let r = server.handle_inner(stream, Some(rx)).await;
-                            log_end(&r, "unix");
+                            log_end(&r, &peer);
                         });
                     }
                     Err(e) => {
@@ -238,7 +215,7 @@ impl<E: Exports> NbdServer<E> {
                 },
             }
         }
-        info!("nbd: unix listener shutting down");
+        info!("nbd: listener shutting down");
         let _ = stop_tx.send(true);
         while conns.join_next().await.is_some() {}
     }
@@ -657,6 +634,31 @@ fn transmission_flags<D: BlockDevice>(device: &D, structured: bool) -> u16 {
 }
 
 /// Logs how a connection ended (protocol errors were already logged at warn level).
+/// A listener NBD clients connect to: TCP or a Unix socket.
+trait Listener: Send {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The next connection and a name for its peer.
+    fn accept_one(&self) -> impl Future<Output = std::io::Result<(Self::Stream, String)>> + Send;
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_one(&self) -> std::io::Result<(Self::Stream, String)> {
+        let (s, peer) = self.accept().await?;
+        // Small replies must not wait for Nagle's algorithm.
+        let _ = s.set_nodelay(true);
+        Ok((s, peer.to_string()))
+    }
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_one(&self) -> std::io::Result<(Self::Stream, String)> {
+        let (s, _) = self.accept().await?;
+        Ok((s, "unix".to_string()))
+    }
+}
+
 fn log_end(r: &Result<(), NbdError>, peer: &str) {
     match r {
         Ok(()) => debug!(peer, "nbd: connection closed"),

@@ -139,6 +139,28 @@ async fn wait_converged(cl: &DataCluster, volume_id: &str, timeout: Duration) {
     }
 }
 
+/// metad and three storaged in three zones, with a replicated{3} pool `pool`.
+async fn cluster_with_pool(dir: &TestDir, pool: &str, pg_count: u32) -> DataCluster {
+    let cl = DataCluster::start(dir.path(), 3, 1, &[], &[])
+        .await
+        .expect("cluster");
+    cl.metad_client()
+        .unwrap()
+        .create_pool(mpb::CreatePoolRequest {
+            name: pool.into(),
+            redundancy: Some(mpb::Redundancy {
+                kind: Some(mpb::redundancy::Kind::Replicated(mpb::Replicated {
+                    size: 3,
+                })),
+            }),
+            tier: "standard".into(),
+            pg_count,
+        })
+        .await
+        .unwrap();
+    cl
+}
+
 fn fio(uri: &str, extra: &[&str]) -> String {
     let uri_arg = format!("--uri={uri}");
     let mut args = vec![
@@ -154,23 +176,7 @@ fn fio(uri: &str, extra: &[&str]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn volumes_over_nbd_with_real_clients() {
     let dir = TestDir::new("volumes-nbd");
-    let mut cl = DataCluster::start(dir.path(), 3, 1, &[], &[])
-        .await
-        .expect("cluster");
-    cl.metad_client()
-        .unwrap()
-        .create_pool(mpb::CreatePoolRequest {
-            name: "vols".into(),
-            redundancy: Some(mpb::Redundancy {
-                kind: Some(mpb::redundancy::Kind::Replicated(mpb::Replicated {
-                    size: 3,
-                })),
-            }),
-            tier: "performance".into(),
-            pg_count: 16,
-        })
-        .await
-        .unwrap();
+    let mut cl = cluster_with_pool(&dir, "vols", 16).await;
     let mut vb = VhostBlk::start(&dir.path().join("vb1"), &cl.metad.addr, "vhost-blk-1", &[])
         .expect("vhost-blk");
     let sov = Sov {
@@ -444,6 +450,14 @@ async fn volumes_over_nbd_with_real_clients() {
     cl.nodes[2].kill9();
     let out = writer.join().expect("fio with a node down");
     assert!(out.contains("err= 0"), "{out}");
+    // Once the node is `out` it leaves the placement groups: writes then go to two members
+    // only, and the node must not be trusted when it returns.
+    let gone = cl.ids[2].clone();
+    cl.wait_map(Duration::from_secs(30), "n3 out", |m| {
+        m.nodes.iter().any(|n| n.id == gone && n.state == "out")
+    })
+    .await
+    .unwrap();
     qemu_io(
         &uri,
         &["write -P 0x6f 48M 2M", "flush", "read -P 0x6f 48M 2M"],
@@ -596,23 +610,7 @@ fn yes_pattern(word: &str, len: usize) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_linux_guest_uses_a_volume_over_vhost_user() {
     let dir = TestDir::new("volumes-guest");
-    let cl = DataCluster::start(dir.path(), 3, 1, &[], &[])
-        .await
-        .expect("cluster");
-    cl.metad_client()
-        .unwrap()
-        .create_pool(mpb::CreatePoolRequest {
-            name: "standard".into(),
-            redundancy: Some(mpb::Redundancy {
-                kind: Some(mpb::redundancy::Kind::Replicated(mpb::Replicated {
-                    size: 3,
-                })),
-            }),
-            tier: "standard".into(),
-            pg_count: 8,
-        })
-        .await
-        .unwrap();
+    let cl = cluster_with_pool(&dir, "standard", 8).await;
     let _vb = VhostBlk::start(&dir.path().join("vb1"), &cl.metad.addr, "vhost-blk-1", &[])
         .expect("vhost-blk");
     let sov = Sov {
