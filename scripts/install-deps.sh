@@ -32,6 +32,14 @@ if ((${#missing[@]})); then
     || { $SUDO apt-get update && $SUDO apt-get install -y --no-install-recommends "${missing[@]}"; }
 fi
 
+# QEMU's system emulator and a qemu-utils from elsewhere (a backport) cannot be installed side
+# by side: apt removes qemu-utils to install qemu-system-x86. Put back the distribution's.
+if [[ "${1:-}" == "--test" || "${1:-}" == "--bench" ]] && ! command -v qemu-io >/dev/null; then
+  SUDO=""; if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends qemu-utils \
+    || { $SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends qemu-utils; }
+fi
+
 if ! command -v cargo >/dev/null; then
   echo "cargo not found: install Rust (rustup) first" >&2
   exit 1
