@@ -181,12 +181,38 @@ fn debug_chunk_round_trip_and_exit_codes() {
     );
 }
 
+/// `sov up` as a child: on drop, SIGTERM (sov up stops its daemons), then SIGKILL after 60 s.
+struct UpGuard(Option<std::process::Child>);
+
+impl UpGuard {
+    fn child(&mut self) -> &mut std::process::Child {
+        self.0.as_mut().expect("running")
+    }
+}
+
+impl Drop for UpGuard {
+    fn drop(&mut self) {
+        let Some(mut c) = self.0.take() else { return };
+        if c.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        // SAFETY: signalling the child we started.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 #[test]
 fn sov_up_starts_and_stops_a_cluster() {
     let dir = TestDir::new("up");
     let data = dir.path().join("data");
     let base = 20_000 + (std::process::id() % 20_000) as u16;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sov"))
+    let child = Command::new(env!("CARGO_BIN_EXE_sov"))
         .args(["up", "--storage-nodes", "3", "--zones", "3", "--data"])
         .arg(&data)
         .args(["--storaged-base-port", &base.to_string()])
@@ -201,11 +227,13 @@ fn sov_up_starts_and_stops_a_cluster() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Stops the cluster however the test ends (a failed assertion included).
+    let mut child = UpGuard(Some(child));
     let cluster = data.join("cluster.json");
     let deadline = Instant::now() + Duration::from_secs(120);
     while !cluster.exists() {
-        if let Some(s) = child.try_wait().unwrap() {
-            let out = child.wait_with_output().unwrap();
+        if let Some(s) = child.child().try_wait().unwrap() {
+            let out = child.0.take().unwrap().wait_with_output().unwrap();
             panic!("sov up exited {s}: {}", text(&out.stderr));
         }
         assert!(
@@ -312,10 +340,10 @@ fn sov_up_starts_and_stops_a_cluster() {
         text(&io.stderr)
     );
     // SAFETY: signalling the child we started.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(child.child().id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = child.child().try_wait().unwrap() {
             break s;
         }
         assert!(Instant::now() < deadline, "sov up did not stop");
