@@ -84,6 +84,8 @@ pub struct VolumeHandle {
     /// stale data for any extent, so nothing is read from them until a later convergence
     /// includes them.
     unknown: Mutex<HashSet<String>>,
+    /// Extent → the nodes that listed it at the last convergence (members or not).
+    holders: Mutex<HashMap<u64, HashSet<String>>>,
     /// The newest cluster map seen, to notice nodes that come (back) up.
     last_view: Mutex<Option<Arc<View>>>,
     /// Extents known to exist in this volume (a clone copies up the others before writing).
@@ -200,6 +202,7 @@ impl VolumeHandle {
             gate: tokio::sync::RwLock::new(()),
             unknown: Mutex::new(HashSet::new()),
             last_view: Mutex::new(None),
+            holders: Mutex::new(HashMap::new()),
             present: Mutex::new(HashSet::new()),
             locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
         });
@@ -430,6 +433,10 @@ impl VolumeHandle {
                 }
             }
         }
+        *self.holders.lock().expect("holders") = digests
+            .iter()
+            .map(|(i, held)| (*i, held.keys().cloned().collect()))
+            .collect();
         let mut synced = 0;
         for (index, held) in digests {
             self.present.lock().expect("present").insert(index);
@@ -474,12 +481,36 @@ impl VolumeHandle {
                 Err(e) => tracing::warn!(node = %m, error = %e, "extent sync: read failed"),
             }
         }
-        let Some(_) = states.iter().find(|(_, r)| r.exists) else {
+        // Sources: the members, and nodes outside the placement group that held the extent when
+        // the volume was opened (its members changed since it was written).
+        let mut sources = states.clone();
+        let holders: Vec<String> = self
+            .holders
+            .lock()
+            .expect("holders")
+            .get(&index)
+            .map(|h| {
+                h.iter()
+                    .filter(|n| !members.contains(*n) && view.is_up(n))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for n in holders {
+            match self
+                .read_member(view, &n, &self.id, index, 0, SECTORS, 0, false)
+                .await
+            {
+                Ok(r) => sources.push((n, r)),
+                Err(e) => tracing::warn!(node = %n, error = %e, "extent sync: read failed"),
+            }
+        }
+        let Some(_) = sources.iter().find(|(_, r)| r.exists) else {
             return Ok(());
         };
         // Snapshot copies first: a member that missed the write that made a copy lacks it.
         let mut all_copies: Vec<(u64, String)> = Vec::new();
-        for (m, r) in &states {
+        for (m, r) in &sources {
             for t in &r.snap_copies {
                 if !all_copies.iter().any(|(x, _)| x == t) {
                     all_copies.push((*t, m.clone()));
@@ -515,17 +546,17 @@ impl VolumeHandle {
                     .await?;
             }
         }
-        // Then the head: per sector, the newest version any member has.
-        let born = states
+        // Then the head: per sector, the newest version any source has.
+        let born = sources
             .iter()
             .filter(|(_, r)| r.exists)
             .map(|(_, r)| r.born)
             .min();
-        let last_snap = states.iter().map(|(_, r)| r.last_snap).max().unwrap_or(0);
+        let last_snap = sources.iter().map(|(_, r)| r.last_snap).max().unwrap_or(0);
         let mut best: Vec<Option<usize>> = vec![None; SECTORS];
         for (i, b) in best.iter_mut().enumerate() {
             let mut top = (0u32, 0u64);
-            for (k, (_, r)) in states.iter().enumerate() {
+            for (k, (_, r)) in sources.iter().enumerate() {
                 let v = r
                     .versions
                     .get(i)
@@ -541,7 +572,7 @@ impl VolumeHandle {
             let mut sectors = Vec::new();
             for (i, b) in best.iter().enumerate() {
                 let Some(k) = b else { continue };
-                let theirs = &states[*k].1;
+                let theirs = &sources[*k].1;
                 let mine = r
                     .versions
                     .get(i)
@@ -566,7 +597,7 @@ impl VolumeHandle {
                 let mut versions = Vec::new();
                 let mut zeros = Vec::new();
                 for (i, k) in run {
-                    let src = &states[*k].1;
+                    let src = &sources[*k].1;
                     data.extend_from_slice(&src.data[i * SECTOR..(i + 1) * SECTOR]);
                     tags.extend_from_slice(&src.tags[i * TAG..(i + 1) * TAG]);
                     versions.push(src.versions[*i]);
@@ -892,6 +923,29 @@ impl VolumeHandle {
             .await?
         {
             return Ok(s);
+        }
+        // No member has it, but other nodes did at open: the placement group moved while the
+        // volume was attached. Fill the members from them, then read again.
+        let elsewhere = self
+            .holders
+            .lock()
+            .expect("holders")
+            .get(&index)
+            .is_some_and(|h| !h.is_empty());
+        if elsewhere {
+            self.sync_extent(view, index).await?;
+            if let Some(s) = self
+                .read_layer(view, &self.id, &self.key, 0, index, first, count)
+                .await?
+            {
+                return Ok(s);
+            }
+            // Never zeroes for data that exists somewhere.
+            return Err(unavailable(format!(
+                "volume {}: extent {index} is held only outside its placement group, by nodes \
+                 that cannot be read now",
+                self.name
+            )));
         }
         for p in &self.parents {
             if let Some(s) = self

@@ -690,3 +690,49 @@ async fn a_linux_guest_uses_a_volume_over_vhost_user() {
     }
     assert!(data[32 * m..33 * m] == prefill[..], "prefill");
 }
+
+/// Nodes join, placement groups move (some entirely to the new nodes): at the next attach the
+/// new members are filled from the nodes that hold the extents, and every byte reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn extents_follow_their_placement_groups_to_new_nodes() {
+    let dir = TestDir::new("volumes-grow");
+    let mut cl = cluster_with_pool(&dir, "standard", 16).await;
+    let _vb = VhostBlk::start(&dir.path().join("vb1"), &cl.metad.addr, "vhost-blk-1", &[])
+        .expect("vhost-blk");
+    let sov = Sov {
+        metad: cl.metad.addr.clone(),
+    };
+    let v = sov.json(&["volume", "create", "m1", "--size", "64MiB"]);
+    let volume_id = v["id"].as_str().unwrap().to_string();
+    let uri = sov.attach("m1");
+    qemu_io(&uri, &["write -P 0x5c 0 64M", "flush"]);
+    sov.json(&["volume", "detach", "m1"]);
+
+    for z in ["z1", "z2", "z3"] {
+        cl.add_node(z, &[]).unwrap();
+    }
+    let want = cl.ids.clone();
+    cl.wait_map(Duration::from_secs(60), "six nodes up", |m| {
+        want.iter()
+            .all(|id| m.nodes.iter().any(|n| &n.id == id && n.state == "up"))
+    })
+    .await
+    .unwrap();
+
+    let uri = sov.attach("m1");
+    qemu_io(&uri, &["read -P 0x5c 0 64M"]);
+    let mut moved = 0;
+    for n in &cl.nodes[3..] {
+        let d = n.disks[0].join("extents").join(&volume_id);
+        moved += std::fs::read_dir(&d)
+            .map(|r| {
+                r.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".meta"))
+                    .count()
+            })
+            .unwrap_or(0);
+    }
+    eprintln!("{moved} extent replicas now on the new nodes");
+    assert!(moved > 0, "no placement group moved to the new nodes");
+    sov.json(&["volume", "detach", "m1"]);
+}
