@@ -19,31 +19,31 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# wait_ready NAME PID READY_FILE LOG: waits up to 60 s for the ready file while PID lives.
+wait_ready() {
+  for _ in $(seq 1 600); do
+    [[ -s "$3" ]] && return 0
+    kill -0 "$2" 2>/dev/null || { cat "$4"; echo "$1 exited" >&2; exit 1; }
+    sleep 0.1
+  done
+  cat "$4"; echo "$1 not ready" >&2; exit 1
+}
+
 json_field() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
 
 "$BIN_DIR/metad" --id 1 --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --data-dir "$work/metad" \
   --ready-file "$work/metad-ready.json" >"$work/metad.log" 2>&1 &
 mpid=$!
-for _ in $(seq 1 600); do
-  [[ -s "$work/metad-ready.json" ]] && break
-  kill -0 "$mpid" 2>/dev/null || { cat "$work/metad.log"; echo "metad exited" >&2; exit 1; }
-  sleep 0.1
-done
-[[ -s "$work/metad-ready.json" ]] || { cat "$work/metad.log"; echo "metad not ready" >&2; exit 1; }
+wait_ready metad "$mpid" "$work/metad-ready.json" "$work/metad.log"
 metad_addr=$(json_field "$work/metad-ready.json" listen)
 metad_metrics=$(json_field "$work/metad-ready.json" metrics_listen)
 
 "$BIN_DIR/storaged" --disk "$work/disk" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
   --metad "$metad_addr" --ready-file "$work/ready.json" >"$work/storaged.log" 2>&1 &
 pid=$!
-for _ in $(seq 1 600); do
-  [[ -s "$work/ready.json" ]] && break
-  kill -0 "$pid" 2>/dev/null || { cat "$work/storaged.log"; echo "storaged exited" >&2; exit 1; }
-  sleep 0.1
-done
-[[ -s "$work/ready.json" ]] || { cat "$work/storaged.log"; echo "storaged not ready" >&2; exit 1; }
-listen=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["listen"])' "$work/ready.json")
-metrics=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["metrics_listen"])' "$work/ready.json")
+wait_ready storaged "$pid" "$work/ready.json" "$work/storaged.log"
+listen=$(json_field "$work/ready.json" listen)
+metrics=$(json_field "$work/ready.json" metrics_listen)
 
 id=$(head -c 100000 /dev/urandom | "$BIN_DIR/sov" debug chunk put --storaged "$listen")
 "$BIN_DIR/sov" debug chunk get --storaged "$listen" "$id" >/dev/null
@@ -70,12 +70,7 @@ echo "promtool check metrics: metad OK"
 "$BIN_DIR/gateway-s3" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --metad "$metad_addr" \
   --ready-file "$work/gateway-ready.json" >"$work/gateway.log" 2>&1 &
 gpid=$!
-for _ in $(seq 1 600); do
-  [[ -s "$work/gateway-ready.json" ]] && break
-  kill -0 "$gpid" 2>/dev/null || { cat "$work/gateway.log"; echo "gateway-s3 exited" >&2; exit 1; }
-  sleep 0.1
-done
-[[ -s "$work/gateway-ready.json" ]] || { cat "$work/gateway.log"; echo "gateway-s3 not ready" >&2; exit 1; }
+wait_ready gateway-s3 "$gpid" "$work/gateway-ready.json" "$work/gateway.log"
 s3=$(json_field "$work/gateway-ready.json" listen)
 gmetrics=$(json_field "$work/gateway-ready.json" metrics_listen)
 curl -s -o /dev/null "http://$s3/" || true          # anonymous: AccessDenied
@@ -90,12 +85,7 @@ echo "promtool check metrics: gateway-s3 OK"
 "$BIN_DIR/vhost-blk" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --metad "$metad_addr" \
   --data "$work/vhost-blk" --ready-file "$work/vhost-blk-ready.json" >"$work/vhost-blk.log" 2>&1 &
 vpid=$!
-for _ in $(seq 1 600); do
-  [[ -s "$work/vhost-blk-ready.json" ]] && break
-  kill -0 "$vpid" 2>/dev/null || { cat "$work/vhost-blk.log"; echo "vhost-blk exited" >&2; exit 1; }
-  sleep 0.1
-done
-[[ -s "$work/vhost-blk-ready.json" ]] || { cat "$work/vhost-blk.log"; echo "vhost-blk not ready" >&2; exit 1; }
+wait_ready vhost-blk "$vpid" "$work/vhost-blk-ready.json" "$work/vhost-blk.log"
 nbd=$(json_field "$work/vhost-blk-ready.json" listen)
 vmetrics=$(json_field "$work/vhost-blk-ready.json" metrics_listen)
 nbdinfo "nbd://$nbd/no-such-volume" >/dev/null 2>&1 || true   # refused export

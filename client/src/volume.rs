@@ -94,7 +94,7 @@ pub struct VolumeHandle {
     locks: Vec<tokio::sync::Mutex<()>>,
 }
 
-/// One sector as read: its version, zero flag, data and tag.
+/// One sector as read: its version and its data (plaintext once checked).
 #[derive(Clone)]
 struct SectorRead {
     version: (u32, u64),

@@ -1731,6 +1731,14 @@ impl MetadService {
         Ok((id, key, value))
     }
 
+    /// Every registered storage node: who a new tombstone waits for.
+    pub(crate) fn registered_nodes(&self) -> Result<Vec<String>, Status> {
+        self.scan(tables::NODE_PREFIX)?
+            .into_iter()
+            .map(|(_, v)| decode::<Node>("node", &v).map(|n| n.id))
+            .collect()
+    }
+
     /// The tombstones that free a replaced or deleted version's data on every storage node
     /// (one per leaf manifest with data), as operations for the transaction that drops the
     /// version. None when the manifest is not one this build writes (then there is nothing it
@@ -1745,11 +1753,7 @@ impl MetadService {
                 return Ok(Vec::new());
             }
         };
-        let mut pending = Vec::new();
-        for (_, v) in self.scan(tables::NODE_PREFIX)? {
-            let n: Node = decode("node", &v)?;
-            pending.push(n.id);
-        }
+        let pending = self.registered_nodes()?;
         let now = unix_ms();
         let mut ops = Vec::new();
         for leaf in sov_client::manifest::leaves(&m) {

@@ -81,11 +81,7 @@ fn volume_tombstone(
     snap_upto: u64,
     live_snaps: Vec<u64>,
 ) -> Result<Op, Status> {
-    let mut pending = Vec::new();
-    for (_, raw) in svc.scan(tables::NODE_PREFIX)? {
-        let n: Node = decode("node", &raw)?;
-        pending.push(n.id);
-    }
+    let pending = svc.registered_nodes()?;
     let now = unix_ms();
     let id = format!("vol/{}/{snap_upto:016x}-{now:x}", v.id);
     let t = Tombstone {

@@ -18,7 +18,7 @@
 // tonic::Status is the error of every call here.
 #![allow(clippy::result_large_err)]
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -831,17 +831,6 @@ impl Extents {
         }
         Ok(freed)
     }
-}
-
-/// Per-volume extent counts, for tests and `NodeInfo`-like reports.
-pub fn summarize(list: &[pb::ExtentSummary]) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for s in list {
-        if let Some(a) = &s.extent {
-            *m.entry(a.volume_id.clone()).or_insert(0) += 1;
-        }
-    }
-    m
 }
 
 #[cfg(test)]

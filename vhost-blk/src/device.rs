@@ -91,7 +91,7 @@ impl VolumeDevice {
         self.detached.store(true, Ordering::Relaxed);
     }
 
-    async fn admit(&self, op: &str, bytes: u64) -> Result<Instant, BlockError> {
+    async fn admit(&self, bytes: u64) -> Result<Instant, BlockError> {
         if self.detached.load(Ordering::Relaxed) {
             return Err(BlockError::Io(format!(
                 "volume {} is detached",
@@ -106,7 +106,6 @@ impl VolumeDevice {
                 .inc_by(wait.as_secs_f64());
             tokio::time::sleep(wait).await;
         }
-        let _ = op;
         Ok(Instant::now())
     }
 
@@ -139,32 +138,32 @@ impl BlockDevice for VolumeDevice {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
-        let start = self.admit("read", len as u64).await?;
+        let start = self.admit(len as u64).await?;
         let r = self.handle.read(offset, len as u64).await;
         self.done("read", start, len as u64, r)
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError> {
         let n = data.len() as u64;
-        let start = self.admit("write", n).await?;
+        let start = self.admit(n).await?;
         let r = self.handle.write(offset, data, fua).await;
         self.done("write", start, n, r)
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), BlockError> {
-        let start = self.admit("write_zeroes", 0).await?;
+        let start = self.admit(0).await?;
         let r = self.handle.write_zeroes(offset, len as u64, fua).await;
         self.done("write_zeroes", start, len as u64, r)
     }
 
     async fn trim(&self, offset: u64, len: u32) -> Result<(), BlockError> {
-        let start = self.admit("trim", 0).await?;
+        let start = self.admit(0).await?;
         let r = self.handle.trim(offset, len as u64).await;
         self.done("trim", start, len as u64, r)
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
-        let start = self.admit("flush", 0).await?;
+        let start = self.admit(0).await?;
         let r = self.handle.flush().await;
         self.done("flush", start, 0, r)
     }
