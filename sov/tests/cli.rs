@@ -6,7 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use sov_testkit::{Storaged, TestDir, http_get};
+use sov_testkit::{Storaged, TestDir, free_port, free_port_range, http_get};
 
 fn sov(args: &[&str], stdin: Option<&[u8]>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sov"))
@@ -211,18 +211,21 @@ impl Drop for UpGuard {
 fn sov_up_starts_and_stops_a_cluster() {
     let dir = TestDir::new("up");
     let data = dir.path().join("data");
-    let base = 20_000 + (std::process::id() % 20_000) as u16;
+    // Free ports picked by binding them (not a fixed range that other tests' ephemeral
+    // ports can take).
+    let (storaged_base, metrics_base) = (free_port_range(3), free_port_range(3));
+    let (gw_metrics, nbd_port) = (free_port(), free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_sov"))
         .args(["up", "--storage-nodes", "3", "--zones", "3", "--data"])
         .arg(&data)
-        .args(["--storaged-base-port", &base.to_string()])
-        .args(["--metrics-base-port", &(base + 100).to_string()])
-        .args(["--metad-port", &(base + 200).to_string()])
-        .args(["--metad-metrics-port", &(base + 201).to_string()])
-        .args(["--s3-port", &(base + 202).to_string()])
-        .args(["--gateway-metrics-port", &(base + 203).to_string()])
-        .args(["--nbd-port", &(base + 204).to_string()])
-        .args(["--vhost-blk-metrics-port", &(base + 205).to_string()])
+        .args(["--storaged-base-port", &storaged_base.to_string()])
+        .args(["--metrics-base-port", &metrics_base.to_string()])
+        .args(["--metad-port", &free_port().to_string()])
+        .args(["--metad-metrics-port", &free_port().to_string()])
+        .args(["--s3-port", &free_port().to_string()])
+        .args(["--gateway-metrics-port", &gw_metrics.to_string()])
+        .args(["--nbd-port", &nbd_port.to_string()])
+        .args(["--vhost-blk-metrics-port", &free_port().to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -272,7 +275,7 @@ fn sov_up_starts_and_stops_a_cluster() {
             m.contains("storaged_disk_free_bytes")
                 || m.contains("metad_raft_term")
                 || m.contains("vhost_blk_requests_total")
-                || url.ends_with(&format!(":{}/metrics", base + 203)),
+                || url.ends_with(&format!(":{gw_metrics}/metrics")),
             "{url}"
         );
     }
@@ -320,7 +323,7 @@ fn sov_up_starts_and_stops_a_cluster() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let att: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let uri = att["uri"].as_str().unwrap().to_string();
-    assert_eq!(uri, format!("nbd://127.0.0.1:{}/vol", base + 204));
+    assert_eq!(uri, format!("nbd://127.0.0.1:{nbd_port}/vol"));
     let io = Command::new("qemu-io")
         .args([
             "-f",
