@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: up build test deps test-deps fmt clippy unit metrics-check bench-smoke bench bench-metad bench-quick bench-s3 bench-block clean
+.PHONY: up build test deps test-deps fmt clippy unit metrics-check bench-smoke bench bench-metad bench-quick bench-s3 bench-block fuzz clean
 
 deps:
 	./scripts/install-deps.sh
@@ -43,8 +43,18 @@ bench-smoke:
 	$(TARGET_DIR)/debug/sov-bench sector-crypto --quick
 	python3 benchmarks/block/block_bench.py --quick --sov-bin $(TARGET_DIR)/debug
 
-## Installs what the tests need, then every gate: fmt, clippy, tests, promtool, bench smoke.
-test: test-deps fmt clippy unit metrics-check bench-smoke
+## Two chaos scenarios, short: no acknowledged write lost, no wrong read, service back.
+chaos-short:
+	python3 chaos/chaos.py --bin $(TARGET_DIR)/debug --short storaged-kill9,zone-partition
+
+## Installs what the tests need, then every gate: fmt, clippy, tests, promtool, bench smoke,
+## two short chaos scenarios.
+test: test-deps fmt clippy unit metrics-check bench-smoke chaos-short
+
+## Every chaos scenario (about 30 minutes); writes chaos/REPORT.md.
+chaos: test-deps
+	$(CARGO) build --workspace --bins
+	python3 chaos/chaos.py --bin $(TARGET_DIR)/debug --report chaos/REPORT.md
 
 ## Storage node benchmark against the raw disk (release build).
 bench: deps
@@ -84,6 +94,23 @@ bench-metad:
 bench-quick: deps
 	$(CARGO) build --release -p storaged -p sov-bench
 	$(TARGET_DIR)/release/sov-bench storaged --quick
+
+## Fuzzes every target of fuzz/ for FUZZ_SECONDS seconds each with cargo-fuzz (libFuzzer, on
+## the stable toolchain: no sanitizer, so `-s none`; panics, hangs, leaks of memory past the RSS
+## limit and broken assertions are what is caught), then replays the corpus. New inputs go to
+## fuzz/target/corpus/<target> (not committed); crashes to fuzz/artifacts/<target>. See
+## docs/fuzzing.md.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= nbd_session nbd_transmission vhost_user_messages virtio_descriptors \
+  chunk_record segment_recovery extent_meta config_files s3_request s3_http
+fuzz:
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  mkdir -p target/corpus/$$t && \
+	  $(CARGO) fuzz run -s none $$t target/corpus/$$t corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -timeout=60 -print_final_stats=1 || exit 1; \
+	done
+	$(CARGO) nextest run -p sov-fuzz-targets
 
 clean:
 	$(CARGO) clean

@@ -13,6 +13,9 @@ if [[ "${1:-}" == "--test" ]]; then
   # nbd engine) and a real vhost-user-blk frontend: QEMU (TCG) booting Debian's cloud kernel
   # with a busybox initramfs built by vhost-blk/guest/make-initramfs.sh.
   pkgs+=(qemu-utils libnbd-bin fio qemu-system-x86 linux-image-cloud-amd64 busybox-static cpio kmod gcc libc6-dev)
+  # chaos/ builds hosts from network namespaces and veth pairs (iproute2) and gives a storage
+  # node a small ext4 disk on a loop device to fill up (e2fsprogs, mount).
+  pkgs+=(iproute2 e2fsprogs mount)
 fi
 if [[ "${1:-}" == "--bench" ]]; then
   pkgs+=(etcd-server qemu-utils libnbd-bin fio)

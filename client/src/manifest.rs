@@ -28,7 +28,9 @@ pub fn check(m: &Manifest) -> Result<(), String> {
                 return Err("a manifest part has parts of its own".into());
             }
             check(p)?;
-            total += p.size;
+            total = total
+                .checked_add(p.size)
+                .ok_or("manifest parts hold more than 2^64 bytes")?;
         }
         if total != m.size {
             return Err(format!(
@@ -48,8 +50,10 @@ pub fn check(m: &Manifest) -> Result<(), String> {
     if m.size > 0 && m.chunk_size == 0 {
         return Err("manifest has data but no chunk size".into());
     }
+    // Checked: a size of 2^59 chunks would otherwise wrap to "no checksums needed" and make
+    // every reader of this manifest walk 2^59 chunk ids.
     let n = chunk_count(m);
-    if m.chunk_blake3.len() as u64 != n * 32 {
+    if n.checked_mul(32) != Some(m.chunk_blake3.len() as u64) {
         return Err(format!(
             "manifest lists {} checksums for {n} chunks",
             m.chunk_blake3.len() / 32
@@ -225,5 +229,10 @@ mod tests {
         m.ec_m = 0;
         assert!(check(&m).is_err());
         assert!(decode(b"\xff\xff").is_err());
+        // 2^62 one-byte chunks: 32 × 2^62 checksum bytes wraps to 0 in a u64.
+        let mut m = sample(1 << 62, 3);
+        m.chunk_size = 1;
+        m.chunk_blake3 = vec![].into();
+        assert!(check(&m).is_err());
     }
 }

@@ -25,7 +25,13 @@ pub struct MetaClient {
     clients: Arc<Vec<(String, Client)>>,
     next: Arc<AtomicUsize>,
     retry_for: Duration,
+    attempt_timeout: Duration,
 }
+
+/// How long one attempt at one member may take before the next member is tried. A frozen or
+/// cut-off leader otherwise holds every caller until the channel's own timeout (30 s), long
+/// after the others elected a new one.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl std::fmt::Debug for MetaClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -80,12 +86,20 @@ impl MetaClient {
             clients: Arc::new(clients),
             next: Arc::new(AtomicUsize::new(0)),
             retry_for: Duration::from_secs(15),
+            attempt_timeout: ATTEMPT_TIMEOUT,
         })
     }
 
     /// Same members, a different retry budget (0 = one attempt per member at most).
     pub fn with_retry_for(mut self, d: Duration) -> MetaClient {
         self.retry_for = d;
+        self
+    }
+
+    /// Same members, a different time limit per attempt (for calls that legitimately take
+    /// long, such as adding a member that must catch up first).
+    pub fn with_attempt_timeout(mut self, d: Duration) -> MetaClient {
+        self.attempt_timeout = d;
         self
     }
 
@@ -119,9 +133,10 @@ impl MetaClient {
         self.clients.iter().map(|(a, _)| a.clone()).collect()
     }
 
-    /// Calls `f` with a member's client; on `UNAVAILABLE`, `DEADLINE_EXCEEDED` from the
-    /// transport or a connection failure, moves to the next member and retries with backoff
-    /// until the retry budget is spent. Other statuses are returned as they are.
+    /// Calls `f` with a member's client; on `UNAVAILABLE`, an attempt that took longer than
+    /// the attempt timeout, a transport timeout or a connection failure, moves to the next
+    /// member and retries with backoff until the retry budget is spent. Other statuses are
+    /// returned as they are.
     pub async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, Status>
     where
         F: FnMut(Client) -> Fut,
@@ -133,7 +148,14 @@ impl MetaClient {
         loop {
             let i = self.next.load(Ordering::Relaxed) % self.clients.len();
             let client = self.clients[i].1.clone();
-            match f(client).await {
+            let attempt = match tokio::time::timeout(self.attempt_timeout, f(client)).await {
+                Ok(r) => r,
+                Err(_) => Err(Status::unavailable(format!(
+                    "metad member {} did not answer within {:?}",
+                    self.clients[i].0, self.attempt_timeout
+                ))),
+            };
+            match attempt {
                 Ok(r) => {
                     self.follow_leader_hint(&r);
                     return Ok(r.into_inner());

@@ -1,6 +1,7 @@
 //! A full audit of every placement group: lists every up storage node, and for each live
 //! chunk counts the copies or shards missing from their position and those held where they do
-//! not belong. What `sov repair status --deep` and the data-path tests use to say "redundancy
+//! not belong; for each volume, the extents whose members do not all hold the same sector
+//! versions. What `sov repair status --deep` and the data-path tests use to say "redundancy
 //! is full and nothing is stored twice".
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -34,23 +35,37 @@ pub struct PoolCheck {
     pub tombstoned: u64,
 }
 
+/// One volume's audit: its extents against the members of their placement groups.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VolumeCheck {
+    pub volume: String,
+    /// Extents held by at least one node.
+    pub extents: u64,
+    /// Extents a member lacks, or whose members differ (sector versions or snapshot copies):
+    /// the exporter's repair has not brought them together yet.
+    pub diverged: u64,
+}
+
 /// The audit of the whole cluster at one epoch.
 #[derive(Debug, Clone, Default)]
 pub struct Check {
     pub epoch: u64,
     pub pools: Vec<PoolCheck>,
+    pub volumes: Vec<VolumeCheck>,
     /// Up nodes that could not be listed (their pieces count as missing).
     pub unreachable: Vec<String>,
 }
 
 impl Check {
-    /// Every piece in place, no strays, every node listed.
+    /// Every piece in place, no strays, every volume extent the same on its members, every
+    /// node listed.
     pub fn clean(&self) -> bool {
         self.unreachable.is_empty()
             && self
                 .pools
                 .iter()
                 .all(|p| p.missing == 0 && p.strays == 0 && p.unreadable == 0)
+            && self.volumes.iter().all(|v| v.diverged == 0)
     }
 }
 
@@ -84,6 +99,13 @@ impl fmt::Display for Check {
                 p.strays,
                 p.unreadable,
                 p.tombstoned
+            )?;
+        }
+        for v in &self.volumes {
+            writeln!(
+                f,
+                "volume {}: {} extents, {} diverged",
+                v.volume, v.extents, v.diverged
             )?;
         }
         for n in &self.unreachable {
@@ -225,9 +247,94 @@ pub async fn check(client: &Client) -> Result<Check, ClientError> {
         pc.clean_pgs = p.pg_count - dirty_pgs.len() as u32;
         pools.push(pc);
     }
+    let volumes = volumes(client, &view, &mut unreachable).await?;
     Ok(Check {
         epoch: view.epoch,
         pools,
+        volumes,
         unreachable,
     })
+}
+
+/// Every volume's extents, listed on every up node with their digests (sector versions and
+/// snapshot copies), compared across the members of each extent's placement group.
+async fn volumes(
+    client: &Client,
+    view: &crate::map::View,
+    unreachable: &mut Vec<String>,
+) -> Result<Vec<VolumeCheck>, ClientError> {
+    use sov_proto::metad as mpb;
+    use sov_proto::storaged as pb;
+    let vols = client
+        .meta()
+        .call(|mut c| async move {
+            c.list_volumes(mpb::ListVolumesRequest { consistency: 0 })
+                .await
+        })
+        .await?
+        .volumes;
+    let nodes = client.nodes();
+    let mut out = Vec::new();
+    for v in vols {
+        let Some(pool) = view.pools.get(&v.pool) else {
+            continue;
+        };
+        let lists = futures::future::join_all(view.up_nodes().map(|n| {
+            let (id, addr, vid) = (n.id.clone(), n.addr.clone(), v.id.clone());
+            async move {
+                let r = match nodes.extents(&addr) {
+                    Ok(mut c) => c
+                        .list_extents(pb::ListExtentsRequest { volume_id: vid })
+                        .await
+                        .map(|r| r.into_inner().extents),
+                    Err(s) => Err(s),
+                };
+                (id, r)
+            }
+        }))
+        .await;
+        // extent index -> node -> digest
+        let mut held: BTreeMap<u64, BTreeMap<String, Vec<u8>>> = BTreeMap::new();
+        for (node, r) in lists {
+            match r {
+                Ok(extents) => {
+                    for e in extents {
+                        let Some(addr) = e.extent else { continue };
+                        held.entry(addr.index)
+                            .or_default()
+                            .insert(node.clone(), e.digest.to_vec());
+                    }
+                }
+                Err(s) => {
+                    let line = format!("{node}: {}", s.message());
+                    if !unreachable.contains(&line) {
+                        unreachable.push(line);
+                    }
+                }
+            }
+        }
+        let mut vc = VolumeCheck {
+            volume: v.name.clone(),
+            ..Default::default()
+        };
+        for (index, holders) in &held {
+            vc.extents += 1;
+            let pg = sov_common::placement::pg_of(
+                crate::volume::extent_pid(&v.id, *index).as_bytes(),
+                pool.pg_count,
+            );
+            let members: Vec<String> = view
+                .slots(pool.id, &pool.redundancy, pg)
+                .into_iter()
+                .flatten()
+                .collect();
+            let digests: BTreeSet<Option<&Vec<u8>>> =
+                members.iter().map(|m| holders.get(m)).collect();
+            if digests.len() != 1 || digests.contains(&None) {
+                vc.diverged += 1;
+            }
+        }
+        out.push(vc);
+    }
+    Ok(out)
 }

@@ -10,7 +10,9 @@
 //!   misses one is remembered as stale for that extent (neither read from nor written to) and
 //!   repaired in the background. A write is acknowledged when at least `min_size` members
 //!   took it (`size - 1`, at least 1); the others are marked stale.
-//! - **Flush** fdatasyncs on every node written since the last flush.
+//! - **Flush** fdatasyncs on every node written since the last flush. A node that fails it
+//!   is marked stale for the extents it took; the flush succeeds when each of them is durable
+//!   on at least `min_size` of the members that took writes.
 //! - **Reads** take one member's sectors and verify each tag; a sector that member lacks or
 //!   fails is read from the others, newest version first.
 //! - **Open** takes the writer lease (metad), raises every node's fence to its epoch and makes
@@ -1117,21 +1119,31 @@ impl VolumeHandle {
             let req = req.clone();
             let node = m.clone();
             calls.push(async move {
-                let mut c = match nodes.extents(&addr) {
-                    Ok(c) => c,
-                    Err(s) => return Err((node, s)),
-                };
-                let r = nodes
-                    .with_deadline((count * SECTOR) as u64, "write extent", async move {
-                        c.write_extent(req).await
-                    })
-                    .await;
-                match &r {
-                    Ok(_) => nodes.clear(&node),
-                    Err(s) if s.code() != Code::FailedPrecondition => nodes.suspect(&node),
-                    Err(_) => {}
+                let mut first_try = true;
+                loop {
+                    let mut c = match nodes.extents(&addr) {
+                        Ok(c) => c,
+                        Err(s) => return Err((node, s)),
+                    };
+                    let req = req.clone();
+                    let r = nodes
+                        .with_deadline((count * SECTOR) as u64, "write extent", async move {
+                            c.write_extent(req).await
+                        })
+                        .await;
+                    match &r {
+                        Ok(_) => nodes.clear(&node),
+                        // The connection broke under the call (a reset, a restart): once more
+                        // on a new one. The write carries its version, so a repeat is harmless.
+                        Err(s) if first_try && connection_broke(s) => {
+                            first_try = false;
+                            continue;
+                        }
+                        Err(s) if s.code() != Code::FailedPrecondition => nodes.suspect(&node),
+                        Err(_) => {}
+                    }
+                    return r.map(|_| node.clone()).map_err(|s| (node, s));
                 }
-                r.map(|_| node.clone()).map_err(|s| (node, s))
             });
         }
         let mut ok = 0;
@@ -1287,30 +1299,60 @@ impl VolumeHandle {
             async move {
                 let addr = addr.ok_or_else(|| Status::not_found("node left the map"))?;
                 let mut c = nodes.extents(&addr)?;
-                nodes
-                    .with_deadline(0, "flush", async move { c.flush_volume(req).await })
-                    .await
+                let r = nodes
+                    .with_deadline(0, "flush", c.flush_volume(req.clone()))
+                    .await;
+                match r {
+                    Err(s) if connection_broke(&s) => {
+                        nodes.with_deadline(0, "flush", c.flush_volume(req)).await
+                    }
+                    r => r,
+                }
             }
         });
         let results = join_all(calls).await;
+        // A node that failed the flush (down, stalled, restarting) may have lost what it took
+        // since the last one: its copies of those extents are marked stale, neither read nor
+        // written until repair brings them up to date from the others. The flush succeeds when
+        // every such extent is durable on at least as many other members as a write needs.
+        let mut flushed: HashMap<u64, usize> = HashMap::new();
+        let mut writers: HashMap<u64, usize> = HashMap::new();
+        for ((_, extents), r) in todo.iter().zip(&results) {
+            for e in extents {
+                *writers.entry(*e).or_default() += 1;
+                if r.is_ok() {
+                    *flushed.entry(*e).or_default() += 1;
+                }
+            }
+        }
         let mut failed = Vec::new();
         for ((n, extents), r) in todo.into_iter().zip(results) {
             let Err(s) = r else { continue };
             self.client.nodes().suspect(&n);
-            if view.is_up(&n) {
-                failed.push(format!("{n}: {}", s.message()));
-                self.unflushed
-                    .lock()
-                    .expect("unflushed")
-                    .entry(n)
-                    .or_default()
-                    .extend(extents);
-            } else {
-                // The node is down: what it took since the last flush may be lost there. Its
-                // copies of those extents are rewritten from the others when it is back; the
-                // others were flushed above.
-                for e in extents {
-                    self.mark_stale(e, &n);
+            let mut short = Vec::new();
+            for e in extents {
+                self.mark_stale(e, &n);
+                let min = match self.members(&view, &self.id, e) {
+                    Ok((_, min)) => min,
+                    Err(_) => 1,
+                };
+                let need = min.min(writers.get(&e).copied().unwrap_or(0)).max(1);
+                if flushed.get(&e).copied().unwrap_or(0) < need {
+                    short.push(e);
+                }
+            }
+            if !short.is_empty() {
+                failed.push(format!(
+                    "{n}: {} (extents {short:?} not durable on enough members)",
+                    s.message()
+                ));
+                if view.is_up(&n) {
+                    self.unflushed
+                        .lock()
+                        .expect("unflushed")
+                        .entry(n)
+                        .or_default()
+                        .extend(short);
                 }
             }
         }
@@ -1323,6 +1365,15 @@ impl VolumeHandle {
         }
         Ok(())
     }
+}
+
+/// A call failed because its connection broke (reset, closed, refused), not because the node
+/// answered: worth one more try on a new connection.
+fn connection_broke(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled
+    )
 }
 
 /// The highest snapshot id still alive (writes carry it so storaged preserves what changes).

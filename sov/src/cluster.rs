@@ -778,7 +778,10 @@ pub async fn run_metad(cmd: MetadCmd, out: Output) -> Result<(), CliError> {
             (None, None, r)
         }
         MetadCmd::Add { metad, id, addr } => {
-            let mc = metad.client()?;
+            // Adding waits until the new member caught up with the log.
+            let mc = metad
+                .client()?
+                .with_attempt_timeout(std::time::Duration::from_secs(30));
             let req = pb::AddMemberRequest {
                 id,
                 addr: addr.clone(),

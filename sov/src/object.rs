@@ -546,7 +546,8 @@ pub async fn run_repair(cmd: RepairCmd, out: Output) -> Result<(), CliError> {
         deep = json!({"epoch": check.epoch, "clean": check.clean(), "unreachable": check.unreachable,
             "pools": check.pools.iter().map(|p| json!({"pool": p.pool, "redundancy": p.redundancy, "pgs": p.pgs,
                 "clean_pgs": p.clean_pgs, "undersized_pgs": p.undersized_pgs, "chunks": p.chunks, "missing": p.missing,
-                "strays": p.strays, "unreadable": p.unreadable, "tombstoned": p.tombstoned})).collect::<Vec<_>>()});
+                "strays": p.strays, "unreadable": p.unreadable, "tombstoned": p.tombstoned})).collect::<Vec<_>>(),
+            "volumes": check.volumes.iter().map(|v| json!({"volume": v.volume, "extents": v.extents, "diverged": v.diverged})).collect::<Vec<_>>()});
         print(
             out,
             json!({"epoch": view.epoch, "nodes": nodes_json, "deep": deep}),

@@ -78,7 +78,10 @@ async fn register(
 pub fn client(metad: &[String]) -> anyhow::Result<MetaClient> {
     Ok(MetaClient::new(metad)
         .map_err(|e| anyhow::anyhow!("bad metad address: {}", e.message()))?
-        .with_retry_for(Duration::from_secs(2)))
+        .with_retry_for(Duration::from_secs(2))
+        // A heartbeat stuck on a frozen or cut-off leader would let the node go `down`:
+        // move on to the next member quickly.
+        .with_attempt_timeout(Duration::from_secs(1)))
 }
 
 /// Registers, then heartbeats until `sd`; keeps `cluster`'s map at the epoch metad reports.
