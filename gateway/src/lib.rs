@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
-use s3s::service::S3ServiceBuilder;
+use s3s::service::{S3Service, S3ServiceBuilder};
 use sov_client::meta::MetaClient;
 use sov_client::{Client, ClientConfig};
 use sov_common::shutdown::Shutdown;
@@ -46,6 +46,66 @@ pub struct Ready {
     pub pid: u32,
 }
 
+/// The S3 service: `s3s` over [`Gateway`], with SigV4 secrets and permissions from metad.
+pub fn s3_service(client: Client, meta: MetaClient, pools: Pools) -> S3Service {
+    let authz = Authz::new(meta.clone());
+    let gw = Gateway {
+        client,
+        meta,
+        authz: authz.clone(),
+        pools,
+    };
+    let mut b = S3ServiceBuilder::new(gw);
+    b.set_auth(Auth(authz.clone()));
+    b.set_access(Access(authz));
+    b.build()
+}
+
+/// An HTTP/1.1 request with `Expect: 100-continue` and an empty body. The answer to it is the
+/// final status without a `100 Continue` first (there is no body to ask for), which is right,
+/// but botocore (boto3, the aws cli) keeps that status for the next request on the connection
+/// and then waits for its read timeout: found by chaos/, where a 0-byte PUT followed by any
+/// PUT with a body stalled 30 s. Such a response closes the connection instead.
+fn expects_continue_without_body<B>(req: &http::Request<B>) -> bool {
+    req.version() == http::Version::HTTP_11
+        && req
+            .headers()
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+        && req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() == b"0")
+}
+
+/// Serves one client connection (HTTP/1.1 or HTTP/2) until it closes.
+pub async fn serve_connection<IO>(io: IO, svc: S3Service, metrics: Metrics)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let svc = svc.clone();
+        let metrics = metrics.clone();
+        let close = expects_continue_without_body(&req);
+        async move {
+            let mut resp = metrics::serve(&svc, &metrics, req).await;
+            if close && let Ok(r) = resp.as_mut() {
+                r.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+            resp
+        }
+    });
+    if let Err(e) = ConnBuilder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(io), service)
+        .await
+    {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
 /// Serves S3 on `s3` and `/metrics` on `metrics` until `shutdown`.
 pub async fn run(
     cfg: GatewayConfig,
@@ -62,17 +122,7 @@ pub async fn run(
             ..Default::default()
         },
     );
-    let authz = Authz::new(meta.clone());
-    let gw = Gateway {
-        client,
-        meta,
-        authz: authz.clone(),
-        pools: cfg.pools.clone(),
-    };
-    let mut b = S3ServiceBuilder::new(gw);
-    b.set_auth(Auth(authz.clone()));
-    b.set_access(Access(authz));
-    let svc = b.build();
+    let svc = s3_service(client, meta, cfg.pools.clone());
     let metrics = Metrics::new();
     let listen = s3.local_addr()?;
     let metrics_listen = metrics_listener.local_addr()?;
@@ -100,22 +150,7 @@ pub async fn run(
             _ = shutdown.wait() => break,
         };
         let _ = stream.set_nodelay(true);
-        let svc = svc.clone();
-        let metrics = metrics.clone();
-        conns.spawn(async move {
-            let service =
-                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let svc = svc.clone();
-                    let metrics = metrics.clone();
-                    async move { metrics::serve(&svc, &metrics, req).await }
-                });
-            if let Err(e) = ConnBuilder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
+        conns.spawn(serve_connection(stream, svc.clone(), metrics.clone()));
         while conns.try_join_next().is_some() {}
     }
     // Let requests in flight finish for a while.

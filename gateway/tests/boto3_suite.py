@@ -112,6 +112,17 @@ def main():
     expect_error("get missing bucket", "NoSuchBucket", lambda: s3.get_object(Bucket="no-such-bucket-x", Key="k"), 404)
     s3.put_object(Bucket=b, Key="empty", Body=b"")
     eq("empty object", s3.get_object(Bucket=b, Key="empty")["Body"].read(), b"")
+    # A 0-byte PUT, then PUTs with a body on the same pooled connection: botocore keeps the
+    # status it read during "Expect: 100-continue" unless the gateway closes that connection,
+    # and the next PUT then waits for its read timeout (found by chaos/).
+    quick = client(read_timeout=5)
+    for i in range(3):
+        t = time.time()
+        quick.put_object(Bucket=b, Key=f"after-empty-{i}", Body=b"")
+        quick.put_object(Bucket=b, Key=f"after-empty-{i}", Body=b"x" * (i + 1))
+        if time.time() - t > 4:
+            raise AssertionError(f"PUT after a 0-byte PUT took {time.time() - t:.1f}s")
+    eq("PUT after a 0-byte PUT", quick.get_object(Bucket=b, Key="after-empty-2")["Body"].read(), b"xxx")
     big = os.urandom(9 * 1024 * 1024 + 5)
     s3.put_object(Bucket=b, Key="big", Body=big)
     eq("9 MiB object round trip", s3.get_object(Bucket=b, Key="big")["Body"].read(), big)
