@@ -144,16 +144,17 @@ def bitrot(node, flips=64):
         return f"{done} bytes flipped in {len(hit)} of {len(files)} segment/extent files of {node}"
 
     def heal(c, ctx):
-        # Scrub (every 3 s here) must find what was flipped in chunks; recovery heals it.
+        # Scrub (every 3 s here) and reads must find what was flipped in chunks (recovery then
+        # heals them, which clears the node's corrupt marks, so count what the node found).
         deadline = time.time() + 60
+        found = 0
         while time.time() < deadline:
-            info = c.sov_plain("debug", "node-info", "--storaged", c.storaged_links[node])
-            corrupt = sum(d.get("corrupt_chunks", 0) for d in (info or {}).get("disks", []))
-            if corrupt:
-                ctx["note"] = f"scrub found {corrupt} corrupt chunks on {node}"
-                return
+            found = c.metric(node, "storaged_corrupt_chunks_found_total")
+            if found:
+                break
             time.sleep(1)
-        ctx["note"] = f"scrub found no corrupt chunk on {node} within 60 s"
+        ctx["note"] = f"{node} found {found:.0f} corrupt chunks (scrub and reads)"
+        ctx["must"] = found > 0
 
     return inject, heal
 
@@ -328,6 +329,7 @@ def run_scenario(sc, a, work):
         dead = [n for n, p in c.procs.items() if not p.alive()]
         row["dead"] = dead
         row["passed"] = (row["lost"] == 0 and row["wrong"] == 0 and complete and clean and not dead
+                         and ctx.get("must", True)
                          and row["s3_back"] is not None and row["block_back"] is not None)
     except Exception as e:
         row["passed"] = False

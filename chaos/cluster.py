@@ -297,6 +297,22 @@ class Cluster:
                            stderr=subprocess.PIPE, text=True, timeout=timeout)
         return json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else None
 
+    def metric(self, name, metric):
+        """The sum of a metric's samples on one daemon's /metrics (0 when unreachable)."""
+        import urllib.request
+        host = self.procs[name].host
+        port = next(p for pre, p in (("storaged", 9100), ("metad", 9400), ("gateway", 9300), ("vhost-blk", 9500))
+                    if name.startswith(pre))
+        try:
+            text = urllib.request.urlopen(f"http://{self.net.ip(host)}:{port}/metrics", timeout=5).read().decode()
+        except OSError:
+            return 0
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(metric + "{") or line.startswith(metric + " "):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
     def node_states(self):
         m = self.sov("node", "list", check=False, timeout=20)
         if not m:
