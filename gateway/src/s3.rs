@@ -372,14 +372,7 @@ impl Gateway {
         let v = self.head(bucket, key).await?;
         check_copy_conditions(&v, &conds)?;
         let m = manifest::decode(&v.manifest).map_err(|e| s3_error!(InternalError, "{e}"))?;
-        if let Some((s, e)) = range
-            && (s > e || e > v.size)
-        {
-            return Err(s3_error!(
-                InvalidRange,
-                "The requested range is not satisfiable"
-            ));
-        }
+        check_copy_range(range, v.size)?;
         let r = self.client.reader(m, range).await.map_err(client_err)?;
         Ok((v, r))
     }
@@ -499,6 +492,39 @@ fn check_read_conditions(
         && secs <= unix_secs(t)
     {
         return Err(not_modified());
+    }
+    Ok(())
+}
+
+/// `x-amz-copy-source-range` (`bytes=first-last`, both inclusive) as `[first, last + 1)`.
+fn copy_source_range(header: Option<&str>) -> S3Result<Option<(u64, u64)>> {
+    let Some(header) = header else {
+        return Ok(None);
+    };
+    let bad = || {
+        s3_error!(
+            InvalidArgument,
+            "The x-amz-copy-source-range value must be of the form bytes=first-last"
+        )
+    };
+    match Range::parse(header).map_err(|_| bad())? {
+        Range::Int {
+            first,
+            last: Some(last),
+        } if last >= first => Ok(Some((first, last + 1))),
+        _ => Err(bad()),
+    }
+}
+
+/// Refuses a copy source range that is not inside the source object.
+fn check_copy_range(range: Option<(u64, u64)>, size: u64) -> S3Result<()> {
+    if let Some((s, e)) = range
+        && (s > e || e > size)
+    {
+        return Err(s3_error!(
+            InvalidRange,
+            "The requested range is not satisfiable"
+        ));
     }
     Ok(())
 }
@@ -1180,29 +1206,7 @@ impl S3 for Gateway {
         }
         let u = self.upload(&i.bucket, &i.key, &i.upload_id).await?;
         let b = self.bucket(&i.bucket).await?;
-        let range = match &i.copy_source_range {
-            Some(r) => {
-                let r = Range::parse(r).map_err(|_| {
-                    s3_error!(
-                        InvalidArgument,
-                        "The x-amz-copy-source-range value must be of the form bytes=first-last"
-                    )
-                })?;
-                match r {
-                    Range::Int {
-                        first,
-                        last: Some(last),
-                    } if last >= first => Some((first, last + 1)),
-                    _ => {
-                        return Err(s3_error!(
-                            InvalidArgument,
-                            "The x-amz-copy-source-range value must be of the form bytes=first-last"
-                        ));
-                    }
-                }
-            }
-            None => None,
-        };
+        let range = copy_source_range(i.copy_source_range.as_deref())?;
         let conds = CopyConds {
             if_match: &i.copy_source_if_match,
             if_none_match: &i.copy_source_if_none_match,
@@ -1427,5 +1431,92 @@ fn object_entry(o: &pb::ObjectVersion, url: bool) -> Object {
         last_modified: Some(ts(o.modified_unix_ms)),
         storage_class: Some(ObjectStorageClass::from(class_of(o))),
         ..Default::default()
+    }
+}
+
+/// Entry points for the fuzz targets (`sov-fuzz-targets`); not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// `[start, end)` and the Content-Range a GET or HEAD with `range` answers for `size`.
+    pub fn byte_range(range: &Option<Range>, size: u64) -> S3Result<(u64, u64, Option<String>)> {
+        super::byte_range(range, size)
+    }
+
+    /// UploadPartCopy's source range, checked against a source object of `size`.
+    pub fn copy_source_range(header: Option<&str>, size: u64) -> S3Result<Option<(u64, u64)>> {
+        let r = super::copy_source_range(header)?;
+        super::check_copy_range(r, size)?;
+        Ok(r)
+    }
+
+    /// Key and prefix encoding of listings (`encoding-type=url` when `url`).
+    pub fn enc(s: &str, url: bool) -> String {
+        super::enc(s, url)
+    }
+
+    /// What a PutObject or UploadPart body is checked against, from its checksum headers.
+    pub struct Checks {
+        pub content_md5: Option<String>,
+        pub algorithm: Option<ChecksumAlgorithm>,
+        /// CRC32, CRC32C, CRC64NVME, SHA1, SHA256, as in the request's headers.
+        pub sums: [Option<String>; 5],
+        pub trailers: Option<http::HeaderMap>,
+    }
+
+    /// Hashes `body` as a PutObject would and checks it: the MD5 hex (the ETag) and the
+    /// checksum recorded (algorithm, base64 value), or the S3 error.
+    pub fn check_body(body: &[u8], c: Checks) -> S3Result<(String, Option<(String, String)>)> {
+        let [c32, c32c, c64, s1, s256] = &c.sums;
+        let exp = expectations(
+            &c.content_md5,
+            &c.algorithm,
+            [
+                ("CRC32", c32),
+                ("CRC32C", c32c),
+                ("CRC64NVME", c64),
+                ("SHA1", s1),
+                ("SHA256", s256),
+            ],
+        );
+        let mut h = Hashing::new(body, hasher_for(exp.algorithm.as_deref()));
+        let mut sink = Vec::new();
+        futures::executor::block_on(tokio::io::AsyncReadExt::read_to_end(&mut h, &mut sink))
+            .map_err(|e| s3_error!(InternalError, "{e}"))?;
+        let checked = super::check_body(h, &exp, c.trailers)?;
+        Ok((checked.md5_hex, checked.sum))
+    }
+
+    /// GET/HEAD conditions against an object with `etag` modified at `modified_unix_ms`.
+    pub fn check_read_conditions(
+        etag: &str,
+        modified_unix_ms: u64,
+        if_match: &Option<ETagCondition>,
+        if_none_match: &Option<ETagCondition>,
+        if_modified_since: &Option<Timestamp>,
+        if_unmodified_since: &Option<Timestamp>,
+    ) -> S3Result<()> {
+        let v = pb::ObjectVersion {
+            etag: etag.to_string(),
+            modified_unix_ms,
+            ..Default::default()
+        };
+        super::check_read_conditions(
+            &v,
+            if_match,
+            if_none_match,
+            if_modified_since,
+            if_unmodified_since,
+        )?;
+        super::check_copy_conditions(
+            &v,
+            &CopyConds {
+                if_match,
+                if_none_match,
+                if_modified_since,
+                if_unmodified_since,
+            },
+        )
     }
 }

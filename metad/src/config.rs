@@ -161,7 +161,12 @@ impl MetadConfig {
             ));
         }
         let r = &self.raft;
-        if r.election_timeout_min.0 <= r.heartbeat_interval.0 * 2 {
+        // Checked: a heartbeat past half of Duration::MAX is refused, not a panic.
+        if r.heartbeat_interval
+            .0
+            .checked_mul(2)
+            .is_none_or(|twice| r.election_timeout_min.0 <= twice)
+        {
             return Err(invalid(
                 "raft.election_timeout_min",
                 "must be more than twice the heartbeat interval",
@@ -196,5 +201,20 @@ impl MetadConfig {
     /// The address others reach this member at.
     pub fn advertised(&self, bound: std::net::SocketAddr) -> String {
         self.advertise.clone().unwrap_or_else(|| bound.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_heartbeat_is_refused_not_a_panic() {
+        let c: MetadConfig = sov_common::config::parse_toml(
+            "[raft]\nheartbeat_interval = \"9300000000000000000s\"\n",
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("election_timeout_min"), "{e}");
     }
 }

@@ -833,6 +833,15 @@ impl Extents {
     }
 }
 
+/// Entry points for the fuzz targets (`sov-fuzz-targets`); not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Decodes a `.meta` file as an extent's load does and, if it decodes, encodes it again.
+    pub fn meta_round_trip(raw: &[u8]) -> Result<Vec<u8>, String> {
+        super::Meta::decode(raw).map(|m| m.encode())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,9 +41,11 @@ pub struct Header {
 }
 
 impl Header {
-    /// Length of the whole record: header, id and data.
+    /// Length of the whole record: header, id and data. Saturates: a header is parsed before
+    /// its check is verified, and a rotten data length must read as "past the end", not
+    /// overflow.
     pub fn record_len(&self) -> u64 {
-        HEADER_LEN as u64 + self.id_len as u64 + self.data_len
+        (HEADER_LEN as u64 + self.id_len as u64).saturating_add(self.data_len)
     }
 }
 
@@ -156,6 +158,13 @@ mod tests {
                 .is_ok();
             assert!(!ok, "flip at byte {i} went unnoticed");
         }
+    }
+
+    #[test]
+    fn a_rotten_data_length_does_not_overflow() {
+        let mut head = encode_head(RecordKind::Put, b"x", 1, &[0; 32]);
+        head[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(parse_fixed(&head).unwrap().record_len(), u64::MAX);
     }
 
     #[test]

@@ -52,6 +52,20 @@ pub struct Config {
     pub vhost_queues: usize,
 }
 
+/// The binary's TOML config file: the keys of its flags, with underscores, each optional
+/// (flags override them); unknown keys are refused.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub metrics_listen: Option<String>,
+    pub metad: Option<Vec<String>>,
+    pub id: Option<String>,
+    pub data: Option<PathBuf>,
+    pub lease_ttl_ms: Option<u64>,
+    pub vhost_queues: Option<usize>,
+}
+
 /// What a started vhost-blk tells whoever waits for it (`--ready-file`).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Ready {

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use vhost_blk::FileConfig;
 
 /// Exports sov volumes as NBD and vhost-user-blk.
 #[derive(Debug, Parser)]
@@ -37,18 +38,6 @@ struct Flags {
     /// Write {id, listen, metrics_listen, pid} as JSON here once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<String>,
-    metrics_listen: Option<String>,
-    metad: Option<Vec<String>>,
-    id: Option<String>,
-    data: Option<PathBuf>,
-    lease_ttl_ms: Option<u64>,
-    vhost_queues: Option<usize>,
 }
 
 struct Settings {

@@ -384,10 +384,11 @@ impl<D: BlockDevice> BlkBackend<D> {
         self.mem.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Pops every available chain of `vring` and starts it.
-    fn process_queue(&self, queue: usize, vring: &Vring) {
+    /// Pops every available chain of `vring` and starts it. False when there is no guest
+    /// memory or the queue refuses the available ring (an index too far ahead of ours).
+    fn process_queue(&self, queue: usize, vring: &Vring) -> bool {
         let Some(atomic) = self.memory() else {
-            return;
+            return false;
         };
         let mem = atomic.memory();
         let chains: Vec<_> = {
@@ -396,17 +397,15 @@ impl<D: BlockDevice> BlkBackend<D> {
                 Ok(iter) => iter.collect(),
                 Err(e) => {
                     tracing::warn!(queue, "vhost-user-blk: bad avail ring: {e}");
-                    return;
+                    return false;
                 }
             }
         };
-        if chains.is_empty() {
-            return;
-        }
         let mem = mem.into_inner();
         for chain in chains {
             self.start_request(queue, vring, &mem, chain);
         }
+        true
     }
 
     fn start_request<M>(
@@ -927,13 +926,94 @@ impl<D: BlockDevice> VhostUserBackend for BlkBackend<D> {
             if event_idx {
                 let _ = vring.disable_notification();
             }
-            self.process_queue(queue, vring);
+            let usable = self.process_queue(queue, vring);
             // With EVENT_IDX, re-enable notifications and look again for chains that raced in.
-            if !event_idx || !vring.enable_notification().unwrap_or(false) {
+            // A refused ring looks non-empty forever: wait for the next kick instead of
+            // spinning on it.
+            if !event_idx || !vring.enable_notification().unwrap_or(false) || !usable {
                 break;
             }
         }
         Ok(())
+    }
+}
+
+/// Entry points for the fuzz targets (`sov-fuzz-targets`); not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// One split virtqueue laid out in guest memory.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Queue {
+        /// Queue size the frontend set (SET_VRING_NUM).
+        pub size: u16,
+        /// Guest addresses of the descriptor table, the available ring and the used ring.
+        pub desc: u64,
+        pub avail: u64,
+        pub used: u64,
+        /// Features the frontend acked (SET_FEATURES), EVENT_IDX included.
+        pub features: u64,
+    }
+
+    /// What one run of the queue handler did.
+    #[derive(Debug)]
+    pub struct Outcome {
+        /// Chains taken off the available ring.
+        pub popped: u16,
+        /// Chains put on the used ring (counted by the backend).
+        pub completed: u64,
+        /// Guest memory afterwards.
+        pub memory: Vec<u8>,
+    }
+
+    /// Serves one kick of a virtqueue in a guest memory that holds `image` at address 0, the
+    /// way the vring worker does (the backend's `handle_event`), then waits until every
+    /// request popped is on the used ring. `rt` must be a runtime running on other threads.
+    pub fn kick<D: BlockDevice>(
+        device: Arc<D>,
+        rt: tokio::runtime::Handle,
+        image: &[u8],
+        q: Queue,
+        max_queue_size: u16,
+    ) -> Result<Outcome, String> {
+        let mem = Mem::from_ranges(&[(GuestAddress(0), image.len())]).map_err(|e| e.to_string())?;
+        mem.write_slice(image, GuestAddress(0))
+            .map_err(|e| e.to_string())?;
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        let opts = VhostUserBlkOptions {
+            queue_size: max_queue_size,
+            ..Default::default()
+        };
+        let backend = BlkBackend::new(device, rt, &opts);
+        backend
+            .update_memory(atomic.clone())
+            .map_err(|e| e.to_string())?;
+        backend.acked_features(q.features);
+        let event_idx = q.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        backend.set_event_idx(event_idx);
+        let vring = Vring::new(atomic, max_queue_size).map_err(|e| e.to_string())?;
+        vring.set_queue_size(q.size);
+        vring
+            .set_queue_info(q.desc, q.avail, q.used)
+            .map_err(|e| e.to_string())?;
+        vring.set_queue_event_idx(event_idx);
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .map_err(|e| e.to_string())?;
+        if !backend.inflight.wait_all_idle(Duration::from_secs(10)) {
+            return Err("requests still in flight after 10 s".into());
+        }
+        let mut memory = vec![0u8; image.len()];
+        mem.read_slice(&mut memory, GuestAddress(0))
+            .map_err(|e| e.to_string())?;
+        Ok(Outcome {
+            popped: vring.queue_next_avail(),
+            completed: backend.completed[0].load(Ordering::Relaxed),
+            memory,
+        })
     }
 }
 
