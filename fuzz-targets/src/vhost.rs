@@ -83,6 +83,8 @@ fn read_to_close(s: &mut UnixStream) {
 /// The bytes as a frontend's messages (no file descriptors): the backend answers or closes
 /// the connection, its serve call returns, and a new serve call then handshakes normally.
 pub fn vhost_user_messages(data: &[u8]) {
+    threaded();
+    let fds_before = open_fds();
     let device = Arc::new(MemDevice::new("fuzz", DEVICE_SIZE, false));
     let result = serve_one(device.clone(), |mut s| {
         let mut w = s.try_clone().expect("a second handle on the socket");
@@ -103,6 +105,17 @@ pub fn vhost_user_messages(data: &[u8]) {
         result.is_ok(),
         "a valid frontend's connection failed: {result:?}"
     );
+    // Nothing stays open: a leak per connection ends an exporter that serves many.
+    let fds_after = open_fds();
+    assert!(
+        fds_after <= fds_before,
+        "{} file descriptors more after two connections",
+        fds_after - fds_before
+    );
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count)
 }
 
 fn request(s: &mut UnixStream, code: u32, body: &[u8]) {

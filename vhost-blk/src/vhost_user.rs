@@ -19,6 +19,7 @@
 
 use std::fmt;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -332,6 +333,21 @@ struct BlkBackend<D: BlockDevice> {
     acked_features: AtomicU64,
     inflight: Arc<Inflight>,
     completed: Vec<Arc<AtomicU64>>,
+    /// The read ends of the exit events handed out by `exit_event`: vhost-user-backend 0.24
+    /// registers each in its epoll with `into_raw_fd` and never closes it (one descriptor per
+    /// connection, so a long-lived exporter would run out). Closed when the backend goes,
+    /// which is after the daemon and its worker threads. Remove on the next upgrade.
+    exit_fds: Mutex<Vec<RawFd>>,
+}
+
+impl<D: BlockDevice> Drop for BlkBackend<D> {
+    fn drop(&mut self) {
+        for fd in lock(&self.exit_fds).drain(..) {
+            // SAFETY: the library turned the descriptor into a raw one and dropped every
+            // handler (and its epoll) that used it; nothing else owns or closes it.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
 }
 
 impl<D: BlockDevice> BlkBackend<D> {
@@ -355,6 +371,7 @@ impl<D: BlockDevice> BlkBackend<D> {
             acked_features: AtomicU64::new(0),
             inflight: Arc::new(Inflight::new(opts.num_queues)),
             completed: opts.control.counters(opts.num_queues),
+            exit_fds: Mutex::new(Vec::new()),
         }
     }
 
@@ -882,7 +899,10 @@ impl<D: BlockDevice> VhostUserBackend for BlkBackend<D> {
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => Some(pair),
+            Ok((consumer, notifier)) => {
+                lock(&self.exit_fds).push(consumer.as_raw_fd());
+                Some((consumer, notifier))
+            }
             Err(e) => {
                 tracing::error!("vhost-user-blk: exit eventfd: {e}");
                 None
