@@ -75,7 +75,6 @@ class Net:
         for line in out.splitlines():
             name = line.split()[0] if line.split() else ""
             if name.startswith(f"{self.tag}-"):
-                sh("ip", "netns", "pids", name, check=False)
                 for pid in sh("ip", "netns", "pids", name, check=False).stdout.split():
                     try:
                         os.kill(int(pid), signal.SIGKILL)
@@ -351,9 +350,6 @@ class Cluster:
                 return json.load(f)
         except (OSError, ValueError):
             return {}
-
-    def logs_dir(self):
-        return self.work
 
     def remove_work(self):
         shutil.rmtree(self.work, ignore_errors=True)

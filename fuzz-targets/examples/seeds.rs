@@ -285,17 +285,6 @@ fn virtio_descriptors() -> Seeds {
 
 // --- stored formats -----------------------------------------------------------------------------
 
-fn put_record(id: &[u8], data: &[u8]) -> Vec<u8> {
-    let mut r = record::encode_head(
-        RecordKind::Put,
-        id,
-        data.len() as u64,
-        blake3::hash(data).as_bytes(),
-    );
-    r.extend_from_slice(data);
-    r
-}
-
 fn manifest(size: u64, replicas: u32) -> Manifest {
     let chunk_size = 1024u32;
     let n = size.div_ceil(u64::from(chunk_size));
@@ -329,7 +318,7 @@ fn chunk_record() -> Seeds {
     vec![
         (
             "put",
-            put_record(b"o1/0000000000000007/0000000a/chunk", b"hello"),
+            record::encode_put(b"o1/0000000000000007/0000000a/chunk", b"hello"),
         ),
         (
             "tombstone",
@@ -366,8 +355,8 @@ fn segment_recovery() -> Seeds {
     rotten.extend([7, 30, 0, 0x40, 4, 3, 1, 2, 3]);
     // Raw: one segment of two whole records and half a header.
     let mut raw = vec![0u8];
-    raw.extend(put_record(b"c0", b"hello"));
-    raw.extend(put_record(b"c1", b"world"));
+    raw.extend(record::encode_put(b"c0", b"hello"));
+    raw.extend(record::encode_put(b"c1", b"world"));
     raw.extend_from_slice(&record::encode_head(RecordKind::Put, b"c2", 9, &[0; 32])[..20]);
     vec![("ops", ops), ("ops-rotten", rotten), ("raw", raw)]
 }

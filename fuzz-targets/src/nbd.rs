@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use vhost_blk::export::Exports;
-use vhost_blk::mem::MemDevice;
+use vhost_blk::mem::{MemDevice, MemExports};
 use vhost_blk::nbd::{MAX_PAYLOAD, NbdError, NbdServer};
 
 use crate::rt::{Input, paused};
@@ -49,40 +48,18 @@ const RO_SIZE: usize = 64 << 10;
 const HANG: Duration = Duration::from_secs(3600);
 
 /// Two RAM disks: `disk` (1 MiB, read-write) and `ro` (64 KiB, read-only).
-struct FuzzExports {
-    disk: Arc<MemDevice>,
-    ro: Arc<MemDevice>,
-}
-
-impl Exports for FuzzExports {
-    type Device = MemDevice;
-    async fn open(&self, name: &str) -> Option<Arc<MemDevice>> {
-        match name {
-            "disk" => Some(self.disk.clone()),
-            "ro" => Some(self.ro.clone()),
-            _ => None,
-        }
-    }
-    fn list(&self) -> Vec<(String, String)> {
-        vec![
-            ("disk".into(), "1 MiB RAM disk".into()),
-            ("ro".into(), "read-only".into()),
-        ]
-    }
-}
-
-fn server() -> Arc<NbdServer<FuzzExports>> {
-    let exports = FuzzExports {
-        disk: Arc::new(MemDevice::new("disk", DISK_SIZE, false)),
-        ro: Arc::new(MemDevice::new("ro", RO_SIZE, true)),
-    };
+fn server() -> Arc<NbdServer<MemExports>> {
+    let exports = MemExports::new(vec![
+        (MemDevice::new("disk", DISK_SIZE, false), "1 MiB RAM disk"),
+        (MemDevice::new("ro", RO_SIZE, true), "read-only"),
+    ]);
     Arc::new(NbdServer::new(Arc::new(exports)).with_handshake_timeout(Duration::from_secs(30)))
 }
 
 /// Runs one connection: `input` is everything the client sends (then it closes its side);
 /// returns everything the server sent and how the connection ended.
 async fn exchange(
-    server: Arc<NbdServer<FuzzExports>>,
+    server: Arc<NbdServer<MemExports>>,
     input: Vec<u8>,
 ) -> (Vec<u8>, Result<(), NbdError>) {
     let (client, srv) = tokio::io::duplex(64 << 10);
@@ -447,7 +424,7 @@ fn structured_reply(out: &mut Out<'_>, pending: &HashMap<u64, Req>, hs: &Handsha
 }
 
 /// A well-behaved client on a new connection: GO, a READ of the first sector, DISC.
-async fn still_serves(server: Arc<NbdServer<FuzzExports>>) {
+async fn still_serves(server: Arc<NbdServer<MemExports>>) {
     let hs = Handshake::from_byte(0);
     let mut input = hs.bytes();
     let mut req = Vec::new();

@@ -1292,18 +1292,6 @@ mod tests {
             .unwrap()
     }
 
-    /// The bytes of a whole put record for `id`, as the writer lays them out.
-    fn put_record(id: &[u8], data: &[u8]) -> Vec<u8> {
-        let mut r = record::encode_head(
-            RecordKind::Put,
-            id,
-            data.len() as u64,
-            blake3::hash(data).as_bytes(),
-        );
-        r.extend_from_slice(data);
-        r
-    }
-
     fn last_segment(path: &Path) -> PathBuf {
         let mut v: Vec<_> = std::fs::read_dir(path.join("segments"))
             .unwrap()
@@ -1384,7 +1372,7 @@ mod tests {
         }
         drop(d);
         let late = data(77, 5000);
-        let extra = put_record(b"late", &late);
+        let extra = record::encode_put(b"late", &late);
         let cuts: Vec<usize> = (0..=HEADER_LEN + 6)
             .chain([100, 2500, extra.len() - 1, extra.len()])
             .collect();
@@ -1448,7 +1436,7 @@ mod tests {
         );
         torn.extend_from_slice(&vec![0u8; v2.len()]);
         let y = data(3, 100);
-        let whole = put_record(b"y", &y);
+        let whole = record::encode_put(b"y", &y);
         let f = OpenOptions::new().write(true).open(&seg).unwrap();
         f.write_all_at(&torn, end).unwrap();
         f.write_all_at(&whole, end + torn.len() as u64).unwrap();

@@ -83,6 +83,19 @@ pub fn encode_head(kind: RecordKind, id: &[u8], data_len: u64, blake3: &[u8; 32]
     head
 }
 
+/// A whole put record (header, id, data) as the writer lays it out, in one buffer: for tests
+/// and seed files (the writer itself sends the header and the data as separate buffers).
+pub fn encode_put(id: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut r = encode_head(
+        RecordKind::Put,
+        id,
+        data.len() as u64,
+        blake3::hash(data).as_bytes(),
+    );
+    r.extend_from_slice(data);
+    r
+}
+
 fn header_check(fixed: &[u8], id: &[u8]) -> [u8; 8] {
     let mut h = blake3::Hasher::new();
     h.update(fixed);

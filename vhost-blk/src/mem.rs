@@ -97,25 +97,25 @@ pub struct MemExports {
 }
 
 impl MemExports {
+    /// These devices, each under its name with its description.
+    pub fn new(devices: Vec<(MemDevice, &str)>) -> Self {
+        let devices = devices
+            .into_iter()
+            .map(|(d, desc)| (d.id.clone(), (Arc::new(d), desc.to_owned())))
+            .collect();
+        Self { devices }
+    }
+
     /// `disk` (64 MiB, rw) and `ro` (1 MiB, read-only, filled with 0x5a).
     pub fn standard() -> Self {
         let ro = MemDevice::new("ro", 1 << 20, true);
         if let Ok(mut d) = ro.data.lock() {
             d.fill(0x5a);
         }
-        let mut devices = HashMap::new();
-        devices.insert(
-            "disk".to_owned(),
-            (
-                Arc::new(MemDevice::new("disk", 64 << 20, false)),
-                "64 MiB RAM disk".to_owned(),
-            ),
-        );
-        devices.insert(
-            "ro".to_owned(),
-            (Arc::new(ro), "read-only 1 MiB".to_owned()),
-        );
-        Self { devices }
+        Self::new(vec![
+            (MemDevice::new("disk", 64 << 20, false), "64 MiB RAM disk"),
+            (ro, "read-only 1 MiB"),
+        ])
     }
 }
 
