@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: up build test deps test-deps fmt clippy unit metrics-check bench-smoke bench bench-metad bench-quick bench-s3 bench-block fuzz clean
+.PHONY: up build test deps test-deps fmt clippy unit metrics-check bench-smoke bench bench-quick bench-one chaos chaos-short fuzz clean
 
 deps:
 	./scripts/install-deps.sh
@@ -31,17 +31,15 @@ unit:
 metrics-check:
 	BIN_DIR=$(TARGET_DIR)/debug ./scripts/check-metrics.sh
 
+## Every benchmark program in its quick form, on the debug build, through the same suite
+## `make bench` runs, then the report with its plots: checks that they run, not their speed.
+BENCH_SMOKE := $(TARGET_DIR)/bench-smoke
 bench-smoke:
-	$(TARGET_DIR)/debug/sov-bench storaged --quick
-	$(TARGET_DIR)/debug/sov-bench metad --quick --clients 1,16
-	$(TARGET_DIR)/debug/sov-bench codec --quick
-	$(TARGET_DIR)/debug/sov-bench datapath --quick
-	$(TARGET_DIR)/debug/sov-bench recovery --quick
-	python3 benchmarks/s3/s3_bench.py --quick --sov-bin $(TARGET_DIR)/debug/sov \
-	  --s3s-fs $$(command -v s3s-fs || echo $$HOME/.cargo/bin/s3s-fs) \
-	  --sov-bench $(TARGET_DIR)/debug/sov-bench --list-keys 2000
-	$(TARGET_DIR)/debug/sov-bench sector-crypto --quick
-	python3 benchmarks/block/block_bench.py --quick --sov-bin $(TARGET_DIR)/debug
+	rm -rf $(BENCH_SMOKE)
+	$(TARGET_DIR)/debug/sov-bench suite --quick --bin $(TARGET_DIR)/debug --made-by "make bench-smoke" \
+	  --results $(BENCH_SMOKE)/results --out $(BENCH_SMOKE)/REPORT.md
+	test -s $(BENCH_SMOKE)/REPORT.md
+	test $$(ls $(BENCH_SMOKE)/plots/*.png | wc -l) -ge 10
 
 ## Two chaos scenarios, short: no acknowledged write lost, no wrong read, service back.
 chaos-short:
@@ -56,44 +54,32 @@ chaos: test-deps
 	$(CARGO) build --workspace --bins
 	python3 chaos/chaos.py --bin $(TARGET_DIR)/debug --report chaos/REPORT.md
 
-## Storage node benchmark against the raw disk (release build).
+## The whole benchmark suite on this machine (release build, about an hour): storaged against
+## the raw disk, metad against etcd, S3 against s3s-fs and Ceph RGW, volumes against
+## qemu-storage-daemon and Ceph RBD, scaling, codec, repair; writes benchmarks/REPORT.md, its
+## plots and benchmarks/results/. COMPARE=http://host:port adds an S3 endpoint of your own
+## (keys in SOV_BENCH_COMPARE_ACCESS_KEY / SOV_BENCH_COMPARE_SECRET_KEY).
+SUITE_FLAGS = $(if $(COMPARE),--compare $(COMPARE))
 bench: deps
 	./scripts/install-deps.sh --bench
-	$(CARGO) build --release -p storaged -p metad -p sov-bench
-	$(TARGET_DIR)/release/sov-bench storaged
-	$(TARGET_DIR)/release/sov-bench metad
-	$(TARGET_DIR)/release/sov-bench codec
-	$(TARGET_DIR)/release/sov-bench datapath
-	$(TARGET_DIR)/release/sov-bench recovery
-	$(MAKE) bench-s3
-	$(MAKE) bench-block
-
-## The S3 endpoint against s3s-fs (64 MiB and 4 KiB objects, concurrency 1 and 32) and the
-## listing rate of a bucket of a million keys.
-bench-s3:
-	./scripts/install-deps.sh --test
 	$(CARGO) build --release --workspace --bins
-	python3 benchmarks/s3/s3_bench.py --sov-bin $(TARGET_DIR)/release/sov \
-	  --s3s-fs $$(command -v s3s-fs || echo $$HOME/.cargo/bin/s3s-fs) \
-	  --sov-bench $(TARGET_DIR)/release/sov-bench --list-keys 1000000
+	$(TARGET_DIR)/release/sov-bench suite --bin $(TARGET_DIR)/release $(SUITE_FLAGS)
 
-## Block volumes (3 replicas, encrypted) against qemu-storage-daemon exporting a raw file, both
-## over NBD with fio; and 4 KiB sector sealing, AES-GCM against XTS + blake3.
-bench-block:
-	./scripts/install-deps.sh --bench
-	$(CARGO) build --release --workspace --bins
-	$(TARGET_DIR)/release/sov-bench sector-crypto
-	python3 benchmarks/block/block_bench.py --sov-bin $(TARGET_DIR)/release
-
-## metad against etcd (three members each, loopback).
-bench-metad:
-	./scripts/install-deps.sh --bench
-	$(CARGO) build --release -p metad -p sov-bench
-	$(TARGET_DIR)/release/sov-bench metad
-
+## The same suite, small (a few minutes after the build); the report goes to
+## $(TARGET_DIR)/bench-quick/REPORT.md.
 bench-quick: deps
-	$(CARGO) build --release -p storaged -p sov-bench
-	$(TARGET_DIR)/release/sov-bench storaged --quick
+	./scripts/install-deps.sh --bench
+	$(CARGO) build --release --workspace --bins
+	$(TARGET_DIR)/release/sov-bench suite --quick --bin $(TARGET_DIR)/release $(SUITE_FLAGS) \
+	  --results $(TARGET_DIR)/bench-quick/results --out $(TARGET_DIR)/bench-quick/REPORT.md
+
+## One part of the suite (then the report again from every results file):
+## make bench-one STEP=s3 (steps: sov-bench suite --list).
+bench-one: deps
+	$(if $(STEP),,$(error STEP=<step> is needed; the steps: sov-bench suite --list))
+	./scripts/install-deps.sh --bench
+	$(CARGO) build --release --workspace --bins
+	$(TARGET_DIR)/release/sov-bench suite --bin $(TARGET_DIR)/release --only $(STEP) $(SUITE_FLAGS)
 
 ## Fuzzes every target of fuzz/ for FUZZ_SECONDS seconds each with cargo-fuzz (libFuzzer, on
 ## the stable toolchain: no sanitizer, so `-s none`; panics, hangs, leaks of memory past the RSS

@@ -16,9 +16,15 @@ if [[ "${1:-}" == "--test" ]]; then
   # chaos/ builds hosts from network namespaces and veth pairs (iproute2) and gives a storage
   # node a small ext4 disk on a loop device to fill up (e2fsprogs, mount).
   pkgs+=(iproute2 e2fsprogs mount)
+  # bench-smoke runs the benchmark suite in quick form: its plots draw text with this font,
+  # and its S3 and block steps start a single-host Ceph (benchmarks/ceph/ceph.sh) as the peer.
+  pkgs+=(fonts-dejavu-core ceph-mon ceph-osd ceph-mgr radosgw ceph-common)
 fi
 if [[ "${1:-}" == "--bench" ]]; then
-  pkgs+=(etcd-server qemu-utils libnbd-bin fio)
+  # Peers and tools of `make bench`: etcd (metad's peer), fio and qemu-storage-daemon (block),
+  # a single-host Ceph for RGW and RBD (benchmarks/ceph/ceph.sh), the plots' font.
+  pkgs+=(etcd-server qemu-utils libnbd-bin fio fonts-dejavu-core python3)
+  pkgs+=(ceph-mon ceph-osd ceph-mgr radosgw ceph-common)
 fi
 
 missing=()
@@ -52,7 +58,7 @@ if [[ "${1:-}" == "--test" ]] && ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 # The S3 benchmark's baseline (its quick run is part of the tests): a single-node S3 server.
-if [[ "${1:-}" == "--test" ]] && ! command -v s3s-fs >/dev/null && [[ ! -x "$HOME/.cargo/bin/s3s-fs" ]]; then
+if [[ "${1:-}" == "--test" || "${1:-}" == "--bench" ]] && ! command -v s3s-fs >/dev/null && [[ ! -x "$HOME/.cargo/bin/s3s-fs" ]]; then
   cargo install s3s-fs@0.14.1 --features binary --locked
 fi
 # The S3 tests drive the gateway with the aws cli and boto3 (from PyPI, into the python3 on

@@ -20,6 +20,9 @@ pub struct Args {
     /// Rounds per case; the median is reported [default: 5, 1 with --quick].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub rounds: Option<u32>,
+    /// Also write the results file for `sov-bench report` here.
+    #[arg(long)]
+    pub results: Option<std::path::PathBuf>,
 }
 
 /// One erasure profile and shard size.
@@ -211,13 +214,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         rows.push((c, results));
     }
 
-    println!(
+    let mut md = String::new();
+    crate::tee!(
+        md,
         "Reed-Solomon codecs, one thread, MiB/s of data (k shards) per second; medians of {rounds} round(s)\n"
     );
-    println!(
+    crate::tee!(
+        md,
         "| profile | shard | op | reed-solomon-simd | reed-solomon-erasure | simd / erasure |"
     );
-    println!("|---|---:|---|---:|---:|---:|");
+    crate::tee!(md, "|---|---:|---|---:|---:|---:|");
     let mut json = Vec::new();
     for (c, results) in &rows {
         let (s, e) = (&results[0], &results[1]);
@@ -234,7 +240,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 e.3,
             ),
         ] {
-            println!(
+            crate::tee!(
+                md,
                 "| ec{{{},{}}} | {} KiB | {op} | {sv:.0} | {ev:.0} | {:.2} |",
                 c.k,
                 c.m,
@@ -247,7 +254,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }));
         }
     }
-    println!(
+    crate::tee!(
+        md,
         "\nreproduce: cargo build --release -p sov-bench && target/release/sov-bench codec{}",
         if args.quick { " --quick" } else { "" }
     );
@@ -255,5 +263,73 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({"bench": "codec", "rounds": rounds, "rows": json})
     );
+    codec_results(&md, args.quick).write_to(args.results.as_deref())?;
     Ok(())
+}
+
+/// The printed table as a results file: encode and rebuild of each crate per profile, and the
+/// headline (encode and one-shard rebuild of the first profile).
+fn codec_results(md: &str, quick: bool) -> crate::results::BenchResult {
+    use crate::results::{BenchResult, Plot, Series, tables_from_markdown};
+    let tables = tables_from_markdown(md);
+    let mut res = BenchResult {
+        bench: "codec".into(),
+        title: "Reed-Solomon: reed-solomon-simd (ours) against reed-solomon-erasure".into(),
+        command: format!(
+            "cargo build --release -p sov-bench && target/release/sov-bench codec{}",
+            if quick { " --quick" } else { "" }
+        ),
+        setup: "The same random shards through both crates in one thread: encode, and rebuild \
+                of one lost data shard and of m lost data shards, every rebuilt shard compared \
+                with the original; MiB/s of data (k shards) per second. reed-solomon-erasure \
+                is built without its C SIMD feature (pure Rust)."
+            .into(),
+        ..Default::default()
+    };
+    if let Some(t) = tables.first() {
+        let rows: Vec<usize> = (0..t.rows.len())
+            .filter(|&r| t.rows[r].get(2).is_some_and(|op| op == "encode"))
+            .collect();
+        let mut simd = Series::new("reed-solomon-simd encode");
+        let mut erasure = Series::new("reed-solomon-erasure encode");
+        for (i, &r) in rows.iter().enumerate() {
+            simd.points
+                .push(((i + 1) as f64, t.value(r, "reed-solomon-simd")));
+            erasure
+                .points
+                .push(((i + 1) as f64, t.value(r, "reed-solomon-erasure")));
+        }
+        res.plots.push(Plot {
+            name: "codec-encode".into(),
+            title: format!(
+                "Encode MiB/s by profile ({})",
+                rows.iter()
+                    .enumerate()
+                    .map(|(i, &r)| format!("{} = {} {}", i + 1, t.rows[r][0], t.rows[r][1]))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            x_label: "profile".into(),
+            y_label: "MiB/s".into(),
+            series: vec![simd, erasure],
+            ..Default::default()
+        });
+        for r in [0, 1] {
+            if r < t.rows.len() {
+                res.headline.push(t.headline(
+                    r,
+                    &format!(
+                        "Reed-Solomon {} {}, {}",
+                        t.rows[r][0], t.rows[r][1], t.rows[r][2]
+                    ),
+                    "reed-solomon-simd",
+                    "reed-solomon-erasure",
+                    "reed-solomon-erasure",
+                    "MiB/s",
+                ));
+            }
+        }
+    }
+    res.tables = tables;
+    res
 }

@@ -36,6 +36,9 @@ pub struct Args {
     /// Rounds; the median is reported [default: 3, 1 with --quick].
     #[arg(long)]
     pub rounds: Option<usize>,
+    /// Also write the results file for `sov-bench report` here.
+    #[arg(long)]
+    pub results: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Parser)]
@@ -46,6 +49,9 @@ pub struct RecoveryArgs {
     /// Data written per pool, in MiB, before a node is lost [default: 1024, 64 with --quick].
     #[arg(long)]
     pub data_mib: Option<usize>,
+    /// Also write the results file for `sov-bench report` here.
+    #[arg(long)]
+    pub results: Option<std::path::PathBuf>,
 }
 
 fn payload(seed: u64, len: usize) -> Vec<u8> {
@@ -166,7 +172,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     rt.block_on(async move {
         let dir = TestDir::new("bench-datapath");
         let (_cl, c) = cluster(&dir).await?;
-        println!(
+        let mut md = String::new();
+        crate::tee!(
+            md,
             "sov-bench datapath: metad + 6 storaged (3 zones), {n} objects of {} MiB per round, \
              {conc} in flight, {rounds} rounds, medians",
             size / MIB
@@ -184,21 +192,42 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             rows.push((pool, median(w), median(r)));
         }
         let (bw, br) = (rows[0].1, rows[0].2);
-        println!();
-        println!("| pool | redundancy | write MiB/s | read MiB/s | write vs rep1 | read vs rep1 |");
-        println!("|---|---|---:|---:|---:|---:|");
+        crate::tee!(md, "");
+        crate::tee!(
+            md,
+            "| pool | redundancy | write MiB/s | read MiB/s | write vs rep1 | read vs rep1 |"
+        );
+        crate::tee!(md, "|---|---|---:|---:|---:|---:|");
         for (pool, w, r) in &rows {
             let red = match *pool {
                 "rep1" => "replicated{1}",
                 "rep3" => "replicated{3}",
                 _ => "ec{4,2}",
             };
-            println!(
+            crate::tee!(
+                md,
                 "| {pool} | {red} | {w:.1} | {r:.1} | {:.2} | {:.2} |",
                 w / bw,
                 r / br
             );
         }
+        let tables = crate::results::tables_from_markdown(&md);
+        let mut res = crate::results::BenchResult {
+            bench: "datapath".into(),
+            title: "Objects through sov-client by redundancy".into(),
+            command: crate::results::this_command(),
+            setup: format!(
+                "One local cluster of real processes (metad and 6 storaged in 3 zones, on this \
+                 machine's one disk); per round {n} objects of {} MiB written with {conc} in \
+                 flight through `sov-client` (sealing, erasure coding, placement), then read \
+                 back and compared; medians of {rounds} round(s). The single-copy pool is the \
+                 baseline.",
+                size / MIB
+            ),
+            ..Default::default()
+        };
+        res.tables = tables;
+        res.write_to(args.results.as_deref())?;
         Ok(())
     })
 }
@@ -248,16 +277,22 @@ pub fn run_recovery(args: RecoveryArgs) -> anyhow::Result<()> {
         let rebuild = out_at.elapsed().as_secs_f64();
         read_round(&c, "rep3", 0, n, obj, 4).await?;
         read_round(&c, "ec42", 0, n, obj, 4).await?;
-        println!(
+        let mut md = String::new();
+        crate::tee!(
+            md,
             "sov-bench recovery: {} MiB written to each of rep3 and ec42 on 6 nodes; node {id} \
              held {:.0} MiB",
             per_pool / MIB,
             held / MIB as f64
         );
-        println!();
-        println!("| lost node held | kill → out | out → full redundancy | rebuild rate |");
-        println!("|---:|---:|---:|---:|");
-        println!(
+        crate::tee!(md, "");
+        crate::tee!(
+            md,
+            "| lost node held | kill → out | out → full redundancy | rebuild rate |"
+        );
+        crate::tee!(md, "|---:|---:|---:|---:|");
+        crate::tee!(
+            md,
             "| {:.0} MiB | {:.1} s | {:.1} s | {:.1} MiB/s |",
             held / MIB as f64,
             (out_at - lost).as_secs_f64(),
@@ -265,6 +300,28 @@ pub fn run_recovery(args: RecoveryArgs) -> anyhow::Result<()> {
             held / MIB as f64 / rebuild
         );
         println!("\n{check}");
+        let mut res = crate::results::BenchResult {
+            bench: "recovery".into(),
+            title: "Repair: time to full redundancy after a node loss".into(),
+            command: crate::results::this_command(),
+            setup: format!(
+                "The datapath cluster (metad, 6 storaged in 3 zones); {} MiB written to each of \
+                 a replicated{{3}} and an ec{{4,2}} pool in 16 MiB objects, then one node is \
+                 killed with SIGKILL. metad marks it `out` after its `out_after`; the time \
+                 counted is from `out` until a full audit of every placement group (every copy \
+                 and shard where it belongs, no strays) is clean, with the repair rate \
+                 unlimited. Everything is read back afterwards and compared.",
+                per_pool / MIB
+            ),
+            tables: crate::results::tables_from_markdown(&md),
+            ..Default::default()
+        };
+        res.notes.push(format!(
+            "The survivors rebuilt the lost node's {:.0} MiB at {:.1} MiB/s.",
+            held / MIB as f64,
+            held / MIB as f64 / rebuild
+        ));
+        res.write_to(args.results.as_deref())?;
         Ok(())
     })
 }

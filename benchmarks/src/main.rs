@@ -6,10 +6,15 @@ mod datapath;
 mod fill;
 mod metad;
 mod payload;
+mod plot;
 mod rawdisk;
 mod report;
+mod results;
+mod s3;
+mod s3client;
 mod sector;
 mod storaged;
+mod suite;
 
 use std::process::ExitCode;
 
@@ -43,6 +48,15 @@ enum Command {
     /// 4 KiB volume sector sealing: AES-256-GCM (what volumes use) against AES-256-XTS plus
     /// blake3, seal and open-with-verification, on one core.
     SectorCrypto(sector::Args),
+    /// S3 throughput by object size (4 KiB to 256 MiB) and by concurrency (1 to 128) through
+    /// sov's gateway, against s3s-fs, Ceph RGW and any endpoint given with --compare.
+    S3(Box<s3::Args>),
+    /// S3 throughput through `sov up` clusters of 1, 3 and 6 storaged.
+    Scaling(s3::ScalingArgs),
+    /// Every benchmark, one after the other, then the report (`make bench`, `make bench-quick`).
+    Suite(suite::SuiteArgs),
+    /// Writes benchmarks/REPORT.md and its PNG plots from the results files.
+    Report(suite::ReportArgs),
     /// Writes N empty object records into metad's index (set-up of the S3 listing benchmark).
     FillIndex(fill::Args),
 }
@@ -57,6 +71,10 @@ fn main() -> ExitCode {
         Command::Recovery(args) => datapath::run_recovery(args),
         Command::FillIndex(args) => fill::run(args),
         Command::SectorCrypto(args) => sector::run(args),
+        Command::S3(args) => s3::run(*args),
+        Command::Scaling(args) => s3::run_scaling(args),
+        Command::Suite(args) => suite::run_suite(args),
+        Command::Report(args) => suite::run_report(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

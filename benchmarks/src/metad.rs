@@ -81,6 +81,9 @@ pub struct Args {
     /// Extra flag for every etcd member, repeatable (`--etcd-flag=--snapshot-count=10000`).
     #[arg(long = "etcd-flag", value_name = "FLAG", allow_hyphen_values = true)]
     pub etcd_flags: Vec<String>,
+    /// Also write the results file for `sov-bench report` here.
+    #[arg(long)]
+    pub results: Option<PathBuf>,
 }
 
 /// What to run, with the defaults resolved.
@@ -208,6 +211,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         rows,
     };
     print!("{}", report.markdown());
+    results(&report).write_to(args.results.as_deref())?;
     println!(
         "{}",
         serde_json::to_string(&report).context("encoding the JSON line")?
@@ -220,6 +224,79 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         report.errors
     );
     Ok(())
+}
+
+/// The report as a results file: the table, writes/s and p99 by clients, and the headline
+/// (the fewest and the most clients).
+fn results(report: &Report) -> crate::results::BenchResult {
+    use crate::results::{BenchResult, Plot, tables_from_markdown};
+    let md = report.markdown();
+    let tables = tables_from_markdown(&md);
+    let mut res = BenchResult {
+        bench: "metad".into(),
+        title: "metad against etcd".into(),
+        command: report.command.clone(),
+        setup: format!(
+            "Linearizable writes of a ~{}-byte record by N concurrent clients (each one write in \
+             flight, a new key every time) to a {}-member metad cluster and a {}-member etcd \
+             {} cluster on loopback, data on `{}` ({}), one after the other in every round; \
+             both acknowledge once a majority has the entry in a synced log. {} build.",
+            report.value_bytes,
+            report.members,
+            report.members,
+            report.etcd_version,
+            report.dir,
+            report.filesystem,
+            report.build
+        ),
+        notes: vec![format!(
+            "Failed writes: {} (the figures count only acknowledged writes).",
+            report.errors
+        )],
+        ..Default::default()
+    };
+    if let Some(t) = tables.first() {
+        res.plots.push(Plot {
+            name: "metad-writes".into(),
+            title: "Linearizable writes/s by concurrent clients".into(),
+            x_label: "clients".into(),
+            y_label: "writes/s".into(),
+            log_x: true,
+            log_y: false,
+            series: vec![
+                t.series("metad", "clients", "metad writes/s", |_| true),
+                t.series("etcd", "clients", "etcd writes/s", |_| true),
+            ],
+        });
+        res.plots.push(Plot {
+            name: "metad-p99".into(),
+            title: "p99 write latency by concurrent clients".into(),
+            x_label: "clients".into(),
+            y_label: "ms".into(),
+            log_x: true,
+            log_y: true,
+            series: vec![
+                t.series("metad", "clients", "metad p99 ms", |_| true),
+                t.series("etcd", "clients", "etcd p99 ms", |_| true),
+            ],
+        });
+        let last = t.rows.len().saturating_sub(1);
+        for r in if last > 0 { vec![0, last] } else { vec![0] } {
+            if r < t.rows.len() {
+                let clients = &t.rows[r][0];
+                res.headline.push(t.headline(
+                    r,
+                    &format!("metad writes/s, {clients} client(s)"),
+                    "metad writes/s",
+                    "etcd writes/s",
+                    &format!("etcd {}", report.etcd_version),
+                    "writes/s",
+                ));
+            }
+        }
+    }
+    res.tables = tables;
+    res
 }
 
 /// Removes the clusters' databases under `work`, leaving their logs.
@@ -1060,6 +1137,7 @@ mod tests {
             etcd: DEFAULT_ETCD.into(),
             metad_flags: vec![],
             etcd_flags: vec!["--snapshot-count=1000".into()],
+            results: None,
         };
         let plan = Plan::new(&args).expect("valid args");
         assert_eq!(plan.window, Duration::from_secs(2));

@@ -52,6 +52,9 @@ pub struct Args {
     /// How to print the results.
     #[arg(long, value_enum, default_value_t = Output::Markdown)]
     pub output: Output,
+    /// Also write the results file for `sov-bench report` here.
+    #[arg(long)]
+    pub results: Option<PathBuf>,
 }
 
 /// storaged's I/O engine choices.
@@ -157,6 +160,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 Output::Markdown => print!("{}", report::markdown(&ctx, &rows)),
                 Output::Json => println!("{}", report::json(&ctx, &rows)?),
             }
+            results(&ctx, &rows).write_to(args.results.as_deref())?;
             tmp.close()
                 .with_context(|| format!("removing {}", work.display()))
         }
@@ -171,6 +175,66 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Err(e)
         }
     }
+}
+
+/// The rows as a results file: the table, PUT and GET throughput by size at concurrency 16,
+/// and the headline (large and small PUTs at 16 in flight against the raw disk).
+fn results(ctx: &report::Context, rows: &[Row]) -> crate::results::BenchResult {
+    use crate::results::{BenchResult, Plot, Series, tables_from_markdown};
+    let md = report::markdown(ctx, rows);
+    let mut res = BenchResult {
+        bench: "storaged".into(),
+        title: "storaged against the raw disk".into(),
+        command: ctx.command.clone(),
+        setup: format!(
+            "One storaged (scrub off) on a folder of `{}` ({}), driven over gRPC on loopback; \
+             the baseline is the same disk in the same process right after: `pwrite` of the \
+             same sizes into one file with as many fdatasyncs as storaged made, then `pread`. \
+             I/O engine {}, {} build.",
+            ctx.dir, ctx.filesystem, ctx.io_engine, ctx.build
+        ),
+        tables: tables_from_markdown(&md),
+        notes: ctx.notes.clone(),
+        ..Default::default()
+    };
+    for (op, name) in [(report::Op::Put, "put"), (report::Op::Get, "get")] {
+        let pick = |sov: bool| {
+            let mut s = Series::new(if sov { "storaged" } else { "raw disk" });
+            for r in rows.iter().filter(|r| r.op == op && r.conc == 16) {
+                s.points.push((
+                    r.size_bytes as f64,
+                    if sov { r.sov_mb_s } else { r.raw_mb_s },
+                ));
+            }
+            s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            s
+        };
+        res.plots.push(Plot {
+            name: format!("storaged-{name}"),
+            title: format!(
+                "storaged chunk {} vs raw disk, 16 in flight",
+                name.to_uppercase()
+            ),
+            x_label: "chunk size".into(),
+            y_label: "MB/s".into(),
+            log_x: true,
+            log_y: true,
+            series: vec![pick(true), pick(false)],
+        });
+    }
+    for r in rows
+        .iter()
+        .filter(|r| r.op == report::Op::Put && r.conc == 16)
+    {
+        res.headline.push(crate::results::Headline {
+            what: format!("storaged chunk PUT {}, 16 in flight", r.size),
+            sov: format!("{:.0} MB/s", r.sov_mb_s),
+            peer_name: "raw disk (same syncs)".into(),
+            peer: format!("{:.0} MB/s", r.raw_mb_s),
+            ratio: r.ratio,
+        });
+    }
+    res
 }
 
 /// Starts storaged, runs every case, stops storaged. Returns the rows and the I/O engine
@@ -624,6 +688,7 @@ mod tests {
             rounds: None,
             io_engine: IoEngine::Pread,
             output: Output::Json,
+            results: None,
         };
         let cmd = command_line(&args, 1);
         assert!(
