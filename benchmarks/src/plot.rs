@@ -10,6 +10,16 @@ use plotters::prelude::*;
 use crate::report::size_label;
 use crate::results::{Plot, num};
 
+/// Series colours: distinct on white, sov's first.
+const COLORS: [RGBColor; 6] = [
+    RGBColor(214, 39, 40),
+    RGBColor(31, 119, 180),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(90, 90, 90),
+];
+
 /// Fonts tried in order (`SOV_BENCH_FONT` first); Debian's `fonts-dejavu-core` has the first.
 const FONTS: &[&str] = &[
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -53,7 +63,7 @@ fn to_y(plot: &Plot, y: f64) -> f64 {
 }
 
 fn x_text(plot: &Plot, v: f64) -> String {
-    let x = if plot.log_x { 2f64.powf(v) } else { v };
+    let x = if plot.log_x { 2f64.powf(v.round()) } else { v };
     if plot.x_label.contains("size") && x >= 1.0 {
         size_label(x.round() as u64)
     } else {
@@ -96,7 +106,9 @@ pub fn render(plot: &Plot, path: &Path) -> anyhow::Result<()> {
         x0 -= 1.0;
         x1 += 1.0;
     }
-    let pad = (x1 - x0) * 0.04;
+    // A log axis gets a fixed margin so that plotters' round label points fall on whole
+    // exponents; a linear one 4% of its span.
+    let pad = if plot.log_x { 0.3 } else { (x1 - x0) * 0.04 };
     let (x0, x1) = (x0 - pad, x1 + pad);
     let ymax = points.iter().map(|p| p.1).fold(f64::MIN, f64::max);
     let ymin = points.iter().map(|p| p.1).fold(f64::MAX, f64::min);
@@ -158,7 +170,13 @@ fn draw(
     chart
         .configure_mesh()
         .x_desc(plot.x_label.as_str())
-        .x_labels(40)
+        .x_labels(if plot.log_x {
+            ((x1 - x0).floor() as usize + 1).min(10)
+        } else {
+            40
+        })
+        .x_max_light_lines(1)
+        .y_max_light_lines(4)
         .y_desc(plot.y_label.as_str())
         .y_labels(8)
         .x_label_formatter(&xf)
@@ -167,7 +185,7 @@ fn draw(
         .axis_desc_style(("sans-serif", 18))
         .draw()?;
     for (i, s) in plot.series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let color = COLORS[i % COLORS.len()].to_rgba();
         let pts = drawable(plot, &s.points);
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(3)))?

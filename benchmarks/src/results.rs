@@ -309,6 +309,9 @@ pub fn num(v: f64) -> String {
     if !v.is_finite() {
         return "-".into();
     }
+    if v == 0.0 {
+        return "0".into();
+    }
     let a = v.abs();
     if a >= 100.0 || (a >= 1.0 && v.fract() == 0.0) {
         format!("{v:.0}")

@@ -335,6 +335,37 @@ fn port() -> u16 {
     sov_testkit::free_port()
 }
 
+/// `n` distinct free loopback ports (all held at once while picked, so no two are the same).
+fn ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .filter_map(|_| std::net::TcpListener::bind("127.0.0.1:0").ok())
+        .collect();
+    held.iter()
+        .filter_map(|l| l.local_addr().ok().map(|a| a.port()))
+        .collect()
+}
+
+/// The ports of a `sov up` with `nodes` storaged: six single ports and two runs of `nodes`
+/// consecutive ones, all distinct.
+fn sov_ports(nodes: usize) -> anyhow::Result<(Vec<u16>, u16, u16)> {
+    let n = nodes as u16;
+    for _ in 0..50 {
+        let singles = ports(6);
+        let (a, b) = (
+            sov_testkit::free_port_range(n),
+            sov_testkit::free_port_range(n),
+        );
+        let overlaps = |base: u16, p: u16| (base..base + n).contains(&p);
+        let clash = singles.len() < 6
+            || (a < b + n && b < a + n)
+            || singles.iter().any(|&p| overlaps(a, p) || overlaps(b, p));
+        if !clash {
+            return Ok((singles, a, b));
+        }
+    }
+    bail!("no set of free loopback ports for sov up")
+}
+
 /// Starts `sov up` with `nodes` storaged (zones: up to 3) under `dir`; returns the target.
 pub fn start_sov(bin: &Path, dir: &Path, name: &str, nodes: usize) -> anyhow::Result<Target> {
     let sov = bin.join("sov");
@@ -348,7 +379,7 @@ pub fn start_sov(bin: &Path, dir: &Path, name: &str, nodes: usize) -> anyhow::Re
     let cj = data.join("cluster.json");
     // A folder used before must not hand over an old cluster's ports.
     let _ = std::fs::remove_file(&cj);
-    let s3_port = port();
+    let (p, storaged_base, metrics_base) = sov_ports(nodes)?;
     let mut server = spawn_server(
         "sov up",
         Command::new(&sov)
@@ -357,20 +388,14 @@ pub fn start_sov(bin: &Path, dir: &Path, name: &str, nodes: usize) -> anyhow::Re
             .arg(&data)
             .args(["--storage-nodes", &nodes.to_string()])
             .args(["--zones", &nodes.min(3).to_string()])
-            .args(["--s3-port", &s3_port.to_string()])
-            .args(["--gateway-metrics-port", &port().to_string()])
-            .args(["--metad-port", &port().to_string()])
-            .args(["--metad-metrics-port", &port().to_string()])
-            .args([
-                "--storaged-base-port",
-                &sov_testkit::free_port_range(nodes as u16).to_string(),
-            ])
-            .args([
-                "--metrics-base-port",
-                &sov_testkit::free_port_range(nodes as u16).to_string(),
-            ])
-            .args(["--nbd-port", &port().to_string()])
-            .args(["--vhost-blk-metrics-port", &port().to_string()])
+            .args(["--s3-port", &p[0].to_string()])
+            .args(["--gateway-metrics-port", &p[1].to_string()])
+            .args(["--metad-port", &p[2].to_string()])
+            .args(["--metad-metrics-port", &p[3].to_string()])
+            .args(["--storaged-base-port", &storaged_base.to_string()])
+            .args(["--metrics-base-port", &metrics_base.to_string()])
+            .args(["--nbd-port", &p[4].to_string()])
+            .args(["--vhost-blk-metrics-port", &p[5].to_string()])
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(dir.join("up.log"))?)
             .stderr(std::fs::File::create(dir.join("up.err"))?),
@@ -467,11 +492,13 @@ fn start_ceph(script: &Path, work: &Path) -> anyhow::Result<Target> {
         "starting Ceph (mon, mgr, 3 OSDs, RGW) under {} ...",
         dir.display()
     );
+    let p = ports(2);
+    ensure!(p.len() == 2, "no free loopback ports for Ceph");
     let out = Command::new(script)
         .arg("up")
         .arg(&dir)
-        .args(["--rgw-port", &port().to_string()])
-        .args(["--mon-port", &port().to_string()])
+        .args(["--rgw-port", &p[0].to_string()])
+        .args(["--mon-port", &p[1].to_string()])
         .args(["--access-key", ak, "--secret-key", sk])
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
