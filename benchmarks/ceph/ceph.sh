@@ -364,6 +364,12 @@ bluestore block create = true
 bluestore block size = $((OSD_SIZE_GIB * 1024 * 1024 * 1024))
 osd memory target = $((OSD_MEM_MIB * 1024 * 1024))
 mgr initial modules = iostat
+# RGW frees a deleted object's data by garbage collection, by default two hours later. The S3
+# benchmark deletes what it wrote after every case; without prompt collection three rounds
+# fill the OSDs and RGW stops answering writes.
+rgw gc obj min wait = 0
+rgw gc processor period = 10
+rgw gc processor max time = 10
 EOF
     if [ -n "$RBD_CACHE" ]; then
         # librbd's default cache (policy writearound) acknowledges a write before any OSD has
