@@ -104,13 +104,12 @@ impl Table {
         out.push_str(&format!("| {} |\n", self.columns.join(" | ")));
         let align: Vec<&str> = (0..self.columns.len())
             .map(|i| {
+                // Numbers, "-" and "12.5 / 30" read as numbers; "4k randread qd1" does not.
                 let numeric = !self.rows.is_empty()
                     && self.rows.iter().all(|r| {
                         r.get(i).is_some_and(|c| {
-                            c.trim_start_matches(['-', '+'])
-                                .chars()
-                                .next()
-                                .is_some_and(|ch| ch.is_ascii_digit())
+                            let first = c.split_whitespace().next().unwrap_or("");
+                            first == "-" || first.parse::<f64>().is_ok() || size_like(first)
                         })
                     });
                 if numeric { "---:" } else { "---" }
@@ -226,6 +225,14 @@ pub fn tables_from_markdown(md: &str) -> Vec<Table> {
         }
     }
     out
+}
+
+/// `4KiB`, `256MiB`: a size, aligned like a number.
+fn size_like(s: &str) -> bool {
+    ["KiB", "MiB", "GiB", "B"].iter().any(|unit| {
+        s.strip_suffix(unit)
+            .is_some_and(|d| !d.is_empty() && d.parse::<u64>().is_ok())
+    })
 }
 
 impl Series {
@@ -353,9 +360,16 @@ mod tests {
         t.row(vec!["c".into(), "-".into(), "1.25".into()]);
         let md = t.markdown();
         assert!(
-            md.starts_with("| case | ops/s | ratio |\n|---|---|---:|\n"),
+            md.starts_with("| case | ops/s | ratio |\n|---|---:|---:|\n"),
             "{md}"
         );
+        let mut w = Table::new("", &["workload", "size", "p50 / p99"]);
+        w.row(vec![
+            "4k randread qd1".into(),
+            "4KiB".into(),
+            "7.5 / 16".into(),
+        ]);
+        assert!(w.markdown().contains("|---|---:|---:|"), "{}", w.markdown());
         assert!(md.contains("| a\\|b | 12 | 0.50 |"), "{md}");
     }
 
