@@ -583,14 +583,20 @@ impl Recovery {
             epoch: pass.view.epoch,
             next: pass.next,
         };
+        // The cursor is saved before the progress is shown, and whole (a new file renamed over
+        // the old): a node killed at any moment leaves either the old cursor or the new one,
+        // never a torn file that would make the next start begin the pass again from zero.
+        if let Ok(raw) = serde_json::to_vec(&cursor) {
+            let tmp = self.cursor_path.with_extension("tmp");
+            if std::fs::write(&tmp, raw).is_ok() {
+                let _ = std::fs::rename(&tmp, &self.cursor_path);
+            }
+        }
         self.info.lock().expect("info lock").pgs_done = pass.next as u64;
         self.metrics
             .repair_pgs
             .with_label_values(&["done"])
             .set(pass.next as i64);
-        if let Ok(raw) = serde_json::to_vec(&cursor) {
-            let _ = std::fs::write(&self.cursor_path, raw);
-        }
         Ok(())
     }
 
