@@ -173,6 +173,14 @@ class Cluster:
         with open(key, "w") as f:
             f.write(os.urandom(32).hex() + "\n")
         os.chmod(key, 0o600)
+        # The cluster CA and a certificate per process: every connection between daemons is
+        # mutual TLS, S3 is HTTPS, and this script's `sov` calls use an operator certificate.
+        self.pki = os.path.join(self.work, "pki")
+        if not os.path.exists(os.path.join(self.pki, "ca.key")):
+            self.cert("init", "--ca", self.pki)
+        self.admin_tls = os.path.join(self.work, "admin-tls")
+        self.issue("admin", "chaos", None, self.admin_tls)
+        self.ca_bundle = os.path.join(self.pki, "ca.pem")
         self.metad_addrs = [f"{self.net.ip(z + '-m')}:7400" for z in self.ZONES]
         self.metad_list = ",".join(self.metad_addrs)
         peers = ",".join(f"{i}={a}" for i, a in enumerate(self.metad_addrs, start=1))
@@ -180,10 +188,11 @@ class Cluster:
             host = f"{z}-m"
             ip = self.net.ip(host)
             folder = os.path.join(self.work, f"metad-{i}")
+            tls = self.issue("metad", f"metad-{i}", z, os.path.join(folder, "tls"))
             self.procs[f"metad-{i}"] = Proc(f"metad-{i}", host, self.net.ns(host), [
                 f"{self.bin}/metad", "--id", str(i), "--listen", f"{ip}:7400", "--advertise", f"{ip}:7400",
                 "--metrics-listen", f"{ip}:9400", "--data-dir", os.path.join(folder, "data"),
-                "--peers", peers, "--master-key-file", key,
+                "--peers", peers, "--master-key-file", key, "--tls-dir", tls,
                 "--node-heartbeat-interval", "250ms", "--down-after", "3s", "--out-after", "120s",
                 "--delete-grace", "2s"], folder)
         # The proxy: one listening port per storage node, in the root namespace.
@@ -205,24 +214,49 @@ class Cluster:
                 os.makedirs(disk, exist_ok=True)
                 if name == self.loop_disk:
                     self.mount_loop(disk, 384)
+                tls = self.issue("storaged", name, z, os.path.join(folder, "tls"))
                 self.procs[name] = Proc(name, host, self.net.ns(host), [
                     f"{self.bin}/storaged", "--listen", f"{ip}:7100", "--advertise", proxied,
                     "--metrics-listen", f"{ip}:9100", "--disk", disk, "--node-id", name, "--zone", z,
-                    "--metad", self.metad_list, "--recovery-interval", "2s", "--recovery-rate", "0",
+                    "--metad", self.metad_list, "--tls-dir", tls, "--recovery-interval", "2s", "--recovery-rate", "0",
                     "--scrub-interval", "3s", "--scrub-rate", "0", "--segment-size", "32MiB"], folder)
         self.procs["proxy"] = Proc("proxy", None, None, [
             sys.executable, os.path.join(HERE, "proxy.py"), "--control", self.proxy_control] + maps,
             os.path.join(self.work, "proxy"))
         fip = self.net.ip("front")
-        self.s3_endpoint = f"http://{fip}:9000"
+        self.s3_endpoint = f"https://{fip}:9000"
+        gw_tls = self.issue("gateway", "gateway", None, os.path.join(self.work, "gateway", "tls"), dns=fip)
         self.procs["gateway"] = Proc("gateway", "front", self.net.ns("front"), [
             f"{self.bin}/gateway-s3", "--listen", f"{fip}:9000", "--metrics-listen", f"{fip}:9300",
-            "--metad", self.metad_list], os.path.join(self.work, "gateway"))
+            "--metad", self.metad_list, "--tls-dir", gw_tls,
+            "--https-cert", os.path.join(gw_tls, "cert.pem"), "--https-key", os.path.join(gw_tls, "key.pem")],
+            os.path.join(self.work, "gateway"))
         self.nbd_addr = (fip, 10809)
         vb = os.path.join(self.work, "vhost-blk")
+        vb_tls = self.issue("vhost-blk", "vhost-blk-1", None, os.path.join(vb, "tls"))
         self.procs["vhost-blk"] = Proc("vhost-blk", "front", self.net.ns("front"), [
             f"{self.bin}/vhost-blk", "--listen", f"{fip}:10809", "--metrics-listen", f"{fip}:9500",
-            "--metad", self.metad_list, "--id", "vhost-blk-1", "--data", vb, "--lease-ttl-ms", "4000"], vb)
+            "--metad", self.metad_list, "--id", "vhost-blk-1", "--data", vb, "--lease-ttl-ms", "4000",
+            "--tls-dir", vb_tls], vb)
+
+    def cert(self, *args):
+        r = subprocess.run([f"{self.bin}/sov", "cert"] + list(args), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"sov cert {' '.join(args)}: exit {r.returncode}: {r.stderr.strip()}")
+
+    def issue(self, role, name, zone, out, dns=None):
+        """A certificate from the cluster CA into the TLS folder `out` (returned)."""
+        args = ["issue", "--ca", self.pki, "--role", role, "--name", name, "--out", out]
+        if zone:
+            args += ["--zone", zone]
+        if dns:
+            args += ["--dns", dns]
+        self.cert(*args)
+        return out
+
+    def env(self):
+        return dict(os.environ, SOV_TLS_DIR=self.admin_tls)
 
     def mount_loop(self, path, mib):
         img = path.rstrip("/") + ".img"
@@ -282,7 +316,8 @@ class Cluster:
     # ---- queries ------------------------------------------------------------------------
     def sov(self, *args, check=True, timeout=60):
         cmd = [f"{self.bin}/sov", "--output", "json"] + list(args) + ["--metad", self.metad_list]
-        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout,
+                           env=self.env())
         if r.returncode != 0:
             if check:
                 raise RuntimeError(f"sov {' '.join(args)}: exit {r.returncode}: {r.stderr.strip()}")
@@ -293,7 +328,7 @@ class Cluster:
     def sov_plain(self, *args, timeout=30):
         """A `sov` command that takes no --metad (debug commands); None when it fails."""
         r = subprocess.run([f"{self.bin}/sov", "--output", "json"] + list(args), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, timeout=timeout)
+                           stderr=subprocess.PIPE, text=True, timeout=timeout, env=self.env())
         return json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else None
 
     def metric(self, name, metric):

@@ -102,7 +102,8 @@ class S3Worker(threading.Thread):
         cfg = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=30,
                      s3={"addressing_style": "path"})
         self.s3 = boto3.client("s3", endpoint_url=cluster.s3_endpoint, aws_access_key_id=cluster.access_key,
-                               aws_secret_access_key=cluster.secret_key, region_name="us-east-1", config=cfg)
+                               aws_secret_access_key=cluster.secret_key, region_name="us-east-1", config=cfg,
+                               verify=cluster.ca_bundle)
 
     def new_state(self, key, size):
         self.version += 1

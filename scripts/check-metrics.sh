@@ -31,7 +31,18 @@ wait_ready() {
 
 json_field() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
 
+# The daemons talk mutual TLS: a cluster CA, a certificate for each, one for this script's sov.
+"$BIN_DIR/sov" cert init --ca "$work/pki" >/dev/null
+issue() { "$BIN_DIR/sov" cert issue --ca "$work/pki" --role "$1" --name "$2" --out "$work/tls-$2" "${@:3}" >/dev/null; }
+issue metad metad-1
+issue storaged node-1
+issue gateway gateway --dns 127.0.0.1
+issue vhost-blk vhost-blk-1
+issue admin ops
+export SOV_TLS_DIR="$work/tls-ops"
+
 "$BIN_DIR/metad" --id 1 --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --data-dir "$work/metad" \
+  --tls-dir "$work/tls-metad-1" \
   --ready-file "$work/metad-ready.json" >"$work/metad.log" 2>&1 &
 mpid=$!
 wait_ready metad "$mpid" "$work/metad-ready.json" "$work/metad.log"
@@ -39,7 +50,8 @@ metad_addr=$(json_field "$work/metad-ready.json" listen)
 metad_metrics=$(json_field "$work/metad-ready.json" metrics_listen)
 
 "$BIN_DIR/storaged" --disk "$work/disk" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
-  --metad "$metad_addr" --ready-file "$work/ready.json" >"$work/storaged.log" 2>&1 &
+  --metad "$metad_addr" --tls-dir "$work/tls-node-1" \
+  --ready-file "$work/ready.json" >"$work/storaged.log" 2>&1 &
 pid=$!
 wait_ready storaged "$pid" "$work/ready.json" "$work/storaged.log"
 listen=$(json_field "$work/ready.json" listen)
@@ -68,13 +80,14 @@ promtool check metrics <"$work/metad-metrics.txt"
 echo "promtool check metrics: metad OK"
 
 "$BIN_DIR/gateway-s3" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --metad "$metad_addr" \
+  --tls-dir "$work/tls-gateway" --https-cert "$work/tls-gateway/cert.pem" --https-key "$work/tls-gateway/key.pem" \
   --ready-file "$work/gateway-ready.json" >"$work/gateway.log" 2>&1 &
 gpid=$!
 wait_ready gateway-s3 "$gpid" "$work/gateway-ready.json" "$work/gateway.log"
 s3=$(json_field "$work/gateway-ready.json" listen)
 gmetrics=$(json_field "$work/gateway-ready.json" metrics_listen)
-curl -s -o /dev/null "http://$s3/" || true          # anonymous: AccessDenied
-curl -s -o /dev/null "http://$s3/no-such/key" || true
+curl -s -o /dev/null --cacert "$work/pki/ca.pem" "https://$s3/" || true          # anonymous: AccessDenied
+curl -s -o /dev/null --cacert "$work/pki/ca.pem" "https://$s3/no-such/key" || true
 curl -fsS "http://$gmetrics/metrics" >"$work/gateway-metrics.txt"
 echo "gateway-s3 /metrics: $(grep -vc '^#' "$work/gateway-metrics.txt") samples"
 grep -q 'gateway_requests_total' "$work/gateway-metrics.txt" \
@@ -83,7 +96,7 @@ promtool check metrics <"$work/gateway-metrics.txt"
 echo "promtool check metrics: gateway-s3 OK"
 
 "$BIN_DIR/vhost-blk" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --metad "$metad_addr" \
-  --data "$work/vhost-blk" --ready-file "$work/vhost-blk-ready.json" >"$work/vhost-blk.log" 2>&1 &
+  --data "$work/vhost-blk" --id vhost-blk-1 --tls-dir "$work/tls-vhost-blk-1" --ready-file "$work/vhost-blk-ready.json" >"$work/vhost-blk.log" 2>&1 &
 vpid=$!
 wait_ready vhost-blk "$vpid" "$work/vhost-blk-ready.json" "$work/vhost-blk.log"
 nbd=$(json_field "$work/vhost-blk-ready.json" listen)

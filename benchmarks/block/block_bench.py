@@ -177,6 +177,8 @@ class Sov:
                 raise BenchError(f"sov up not ready after {timeout} s:" + tail(self.log))
             time.sleep(0.2)
         self.metad = ",".join(self.cluster["metad_endpoints"])
+        # The cluster speaks mutual TLS; every `sov` this script runs uses its operator certificate.
+        os.environ["SOV_TLS_DIR"] = self.cluster["tls_dir"]
 
     def cli(self, *args):
         return run([self.sov, *args, "--metad", self.metad])

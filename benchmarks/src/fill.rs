@@ -29,6 +29,11 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // metad speaks mutual TLS: the operator certificate of the cluster (`sov up` writes it).
+    if let Some(dir) = std::env::var_os("SOV_TLS_DIR") {
+        let ctx = sov_common::tls::TlsContext::load(std::path::Path::new(&dir))?;
+        sov_common::tls::install(sov_common::tls::Transport::Tls(ctx));
+    }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let mc = MetaClient::new(&parse_addrs(&args.metad))

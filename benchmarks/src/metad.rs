@@ -505,11 +505,16 @@ impl Members {
     async fn connect(system: System, addrs: &[String]) -> anyhow::Result<Members> {
         let mut channels = Vec::with_capacity(addrs.len());
         for addr in addrs {
-            let ch = Channel::from_shared(format!("http://{addr}"))
+            let ep = Channel::from_shared(format!("http://{addr}"))
                 .with_context(|| format!("bad address {addr}"))?
                 .connect_timeout(Duration::from_secs(5))
-                .tcp_nodelay(true)
-                .connect()
+                .tcp_nodelay(true);
+            // metad speaks mutual TLS (the process's transport); etcd runs without TLS here.
+            let t = match system {
+                System::Metad => sov_common::tls::transport(),
+                System::Etcd => sov_common::tls::Transport::Plain,
+            };
+            let ch = sov_common::tls::connect_with(ep, sov_common::tls::Role::Metad, t)
                 .await
                 .with_context(|| format!("connecting to {} member {addr}", system.name()))?;
             channels.push(ch);

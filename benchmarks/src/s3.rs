@@ -386,6 +386,9 @@ pub fn start_sov(bin: &Path, dir: &Path, name: &str, nodes: usize) -> anyhow::Re
             .arg("up")
             .arg("--data")
             .arg(&data)
+            // The peers (s3s-fs, RGW) serve plain HTTP here, so sov's S3 does too; between
+            // sov's own daemons it is mutual TLS.
+            .arg("--insecure-http")
             .args(["--storage-nodes", &nodes.to_string()])
             .args(["--zones", &nodes.min(3).to_string()])
             .args(["--s3-port", &p[0].to_string()])
@@ -932,6 +935,10 @@ async fn listing(sov: &Target, keys: usize, work: &Path) -> anyhow::Result<(usiz
     let t = Instant::now();
     let st = Command::new(std::env::current_exe()?)
         .args(["fill-index", "--metad", metad, "--bucket", "listing"])
+        .env(
+            "SOV_TLS_DIR",
+            c["tls_dir"].as_str().context("cluster.json: no tls_dir")?,
+        )
         .args(["--keys", &keys.to_string()])
         .stdout(Stdio::null())
         .status()?;

@@ -76,7 +76,7 @@ impl MetaClient {
         }
         let mut clients = Vec::new();
         for a in addrs {
-            let ch = endpoint(a)?.connect_lazy();
+            let ch = sov_common::tls::channel(endpoint(a)?, sov_common::tls::Role::Metad);
             clients.push((
                 a.clone(),
                 MetadClient::new(ch).max_decoding_message_size(64 << 20),

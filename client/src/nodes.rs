@@ -86,8 +86,8 @@ impl Nodes {
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(64 << 20))
             .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect_lazy();
+            .keep_alive_timeout(Duration::from_secs(5));
+        let channel = sov_common::tls::channel(channel, sov_common::tls::Role::Storaged);
         ch.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }

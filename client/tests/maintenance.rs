@@ -236,6 +236,7 @@ async fn deletes_reach_a_node_that_was_down() {
     // The same through the CLI: put, get back byte for byte, rm, and the audit.
     let sov = |args: &[&str]| {
         let out = std::process::Command::new(bin_path("sov"))
+            .envs(sov_testkit::pki().cli_env())
             .args(args)
             .args(["--metad", &cl.metad.addr])
             .output()

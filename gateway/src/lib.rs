@@ -14,6 +14,7 @@ pub mod s3;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -36,6 +37,8 @@ pub struct GatewayConfig {
     pub pools: Pools,
     /// Reads prefer storage nodes in this zone.
     pub zone: Option<String>,
+    /// HTTPS for S3 clients; `None` serves plain HTTP (only on loopback, see `main`).
+    pub https: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// What a started gateway tells whoever waits for it (`--ready-file`).
@@ -150,7 +153,24 @@ pub async fn run(
             _ = shutdown.wait() => break,
         };
         let _ = stream.set_nodelay(true);
-        conns.spawn(serve_connection(stream, svc.clone(), metrics.clone()));
+        match &cfg.https {
+            None => {
+                conns.spawn(serve_connection(stream, svc.clone(), metrics.clone()));
+            }
+            Some(tls) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+                let (svc, metrics) = (svc.clone(), metrics.clone());
+                conns.spawn(async move {
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(tls)) => serve_connection(tls, svc, metrics).await,
+                        Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                });
+            }
+        }
         while conns.try_join_next().is_some() {}
     }
     // Let requests in flight finish for a while.

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """boto3 against a running sov cluster: every S3 operation the gateway serves, its error codes
 and listing edge cases. Reads S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, SOV_BIN and
-SOV_METAD from the environment. Prints one line per check; exits 1 on the first failure."""
+SOV_METAD (and AWS_CA_BUNDLE for HTTPS, SOV_TLS_DIR for sov) from the environment. Prints one line per check; exits 1 on the first failure."""
 
 import base64
 import hashlib
@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import ssl
 import urllib.error
 import urllib.request
 from datetime import datetime, timedelta, timezone
@@ -19,6 +20,14 @@ from botocore.client import Config
 from botocore.exceptions import ClientError
 
 EP = os.environ["S3_ENDPOINT"]
+# HTTPS: trust the cluster CA (boto3 reads AWS_CA_BUNDLE itself).
+CTX = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE"))
+
+
+def urlopen(req):
+    return urllib.request.urlopen(req, context=CTX)
+
+
 AK = os.environ["AWS_ACCESS_KEY_ID"]
 SK = os.environ["AWS_SECRET_ACCESS_KEY"]
 SOV = os.environ["SOV_BIN"]
@@ -256,26 +265,26 @@ def main():
     expect_error("wrong secret", "SignatureDoesNotMatch", lambda: client(AK, SK + "x").list_buckets(), 403)
     expect_error("unknown key", "InvalidAccessKeyId", lambda: client("SOVNOSUCHKEY00000000", SK).list_buckets(), 403)
     url = s3.generate_presigned_url("get_object", Params={"Bucket": b, "Key": "obj"}, ExpiresIn=60)
-    eq("presigned GET", urllib.request.urlopen(url).read(), body)
+    eq("presigned GET", urlopen(url).read(), body)
     short = s3.generate_presigned_url("get_object", Params={"Bucket": b, "Key": "obj"}, ExpiresIn=1)
     time.sleep(2.5)
     try:
-        urllib.request.urlopen(short)
+        urlopen(short)
         raise AssertionError("an expired presigned URL worked")
     except urllib.error.HTTPError as e:
         eq("expired presigned URL refused", e.code, 403)
     anon = f"{EP}/{b}/obj"
     try:
-        urllib.request.urlopen(anon)
+        urlopen(anon)
         raise AssertionError("an anonymous GET worked on a private bucket")
     except urllib.error.HTTPError as e:
         eq("anonymous GET refused", e.code, 403)
     sov("bucket", "public", b, "on")
     time.sleep(2.5)  # the gateway caches bucket settings for 2 s
-    eq("anonymous GET of a public bucket", urllib.request.urlopen(anon).read(), body)
+    eq("anonymous GET of a public bucket", urlopen(anon).read(), body)
     req = urllib.request.Request(f"{EP}/{b}/anon-put", data=b"x", method="PUT")
     try:
-        urllib.request.urlopen(req)
+        urlopen(req)
         raise AssertionError("an anonymous PUT worked")
     except urllib.error.HTTPError as e:
         eq("anonymous PUT refused on a public bucket", e.code, 403)

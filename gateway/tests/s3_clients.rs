@@ -1,5 +1,6 @@
-//! Real S3 clients against a cluster started by `sov up` (metad, three storaged in three
-//! zones, the gateway), as real processes on loopback: the aws cli (mb, cp with a 100 MiB
+//! Real S3 clients over HTTPS (the cluster CA's certificate, checked by every client) against a
+//! cluster started by `sov up` (metad, three storaged in three zones, the gateway, all talking
+//! mutual TLS), as real processes on loopback: the aws cli (mb, cp with a 100 MiB
 //! multipart upload both ways, sync both ways, ls with prefixes, rm --recursive, presign then a
 //! plain HTTP GET) and a boto3 suite of every operation with its error codes. `sov up` is then
 //! stopped and started again on the same directory, and the data is still there.
@@ -17,6 +18,10 @@ struct Up {
     secret_key: String,
     metad: String,
     gateway_metrics: String,
+    /// The cluster CA certificate (what S3 clients trust).
+    ca_bundle: String,
+    /// The operator's TLS folder (for `sov`).
+    tls_dir: String,
 }
 
 fn start_up(data: &Path, ports: &[String]) -> Up {
@@ -73,6 +78,28 @@ fn start_up(data: &Path, ports: &[String]) -> Up {
             .unwrap_or_default()
             .to_string(),
         gateway_metrics,
+        ca_bundle: s("ca_bundle"),
+        tls_dir: s("tls_dir"),
+    }
+}
+
+/// GET over HTTPS trusting only `ca` (python's ssl, as no other client is at hand).
+fn https_get(url: &str, ca: &str) -> Result<String, String> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import ssl,sys,urllib.request as u; \
+             c=ssl.create_default_context(cafile=sys.argv[2]); \
+             sys.stdout.write(u.urlopen(sys.argv[1], context=c, timeout=30).read().decode())",
+            url,
+            ca,
+        ])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).to_string())
     }
 }
 
@@ -86,6 +113,7 @@ impl Up {
             .env("AWS_ACCESS_KEY_ID", &self.access_key)
             .env("AWS_SECRET_ACCESS_KEY", &self.secret_key)
             .env("AWS_DEFAULT_REGION", "us-east-1")
+            .env("AWS_CA_BUNDLE", &self.ca_bundle)
             .env("AWS_CONFIG_FILE", "/dev/null")
             .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
             .output()
@@ -150,6 +178,26 @@ fn aws_cli_and_boto3_against_sov_up() {
         free_port().to_string(),
     ];
     let mut up = start_up(&data, &ports);
+    assert!(up.endpoint.starts_with("https://"), "{}", up.endpoint);
+    // Plain HTTP to the HTTPS endpoint gets no S3 answer.
+    let plain = up.endpoint.replacen("https://", "http://", 1);
+    if let Ok(body) = http_get(&format!("{plain}/")) {
+        assert!(!body.contains("ListAllMyBucketsResult"), "{body}");
+    }
+    // A client that does not trust the cluster CA refuses the gateway.
+    let untrusted = Command::new("python3")
+        .args([
+            "-c",
+            "import sys,urllib.request as u; u.urlopen(sys.argv[1], timeout=30)",
+        ])
+        .arg(format!("{}/", up.endpoint))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&untrusted.stderr).contains("CERTIFICATE_VERIFY_FAILED"),
+        "{}",
+        String::from_utf8_lossy(&untrusted.stderr)
+    );
 
     // aws cli.
     up.aws(&["s3", "mb", "s3://cli"]);
@@ -197,7 +245,8 @@ fn aws_cli_and_boto3_against_sov_up() {
         "--expires-in",
         "120",
     ]);
-    let body = http_get(url.trim()).expect("presigned GET");
+    assert!(url.starts_with("https://"), "{url}");
+    let body = https_get(url.trim(), &up.ca_bundle).expect("presigned GET");
     assert_eq!(body, "x".repeat(10));
     up.aws(&["s3", "rm", "--recursive", "s3://cli/tree"]);
     let ls = up.aws(&["s3", "ls", "s3://cli/", "--recursive"]);
@@ -226,6 +275,12 @@ fn aws_cli_and_boto3_against_sov_up() {
             String::from_utf8_lossy(&out.stderr)
         );
     };
+    let ca_cert = format!("--ca-cert={}", up.ca_bundle);
+    let rclone = |args: &[&str]| {
+        let mut all = vec![ca_cert.as_str()];
+        all.extend_from_slice(args);
+        rclone(&all)
+    };
     rclone(&["mkdir", "sov:rclone"]);
     rclone(&["copy", tree.to_str().unwrap(), "sov:rclone/tree"]);
     rclone(&["check", tree.to_str().unwrap(), "sov:rclone/tree"]);
@@ -238,13 +293,14 @@ fn aws_cli_and_boto3_against_sov_up() {
     println!("rclone: copy, check, check --download");
 
     // s3cmd: mb, put, get, ls.
-    let host = up.endpoint.trim_start_matches("http://").to_string();
+    let host = up.endpoint.trim_start_matches("https://").to_string();
     let s3cmd = |args: &[&str]| {
         let out = Command::new("s3cmd")
             .args([
                 "-c",
                 "/dev/null",
-                "--no-ssl",
+                "--ssl",
+                &format!("--ca-certs={}", up.ca_bundle),
                 &format!("--host={host}"),
                 &format!("--host-bucket={host}"),
                 &format!("--access_key={}", up.access_key),
@@ -272,7 +328,22 @@ fn aws_cli_and_boto3_against_sov_up() {
     assert!(ls.contains("s3://s3cmd/z.bin"), "{ls}");
     println!("s3cmd: mb, put, get, ls");
 
-    // A second gateway beside the first: stateless, it serves the same objects.
+    // A second gateway beside the first: stateless, it serves the same objects. Its
+    // certificate comes from `sov cert issue` with the cluster's CA.
+    let gw2_tls = dir.path().join("gw2-tls");
+    let out = Command::new(bin_path("sov"))
+        .args(["cert", "issue", "--role", "gateway", "--name", "gateway-2"])
+        .args(["--dns", "127.0.0.1", "--out"])
+        .arg(&gw2_tls)
+        .arg("--ca")
+        .arg(data.join("pki"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let ready = dir.path().join("gw2-ready.json");
     let mut gw2 = Process::spawn(
         "gateway-2",
@@ -284,6 +355,12 @@ fn aws_cli_and_boto3_against_sov_up() {
             "127.0.0.1:0".into(),
             "--metad".into(),
             up.metad.clone(),
+            "--tls-dir".into(),
+            gw2_tls.display().to_string(),
+            "--https-cert".into(),
+            gw2_tls.join("cert.pem").display().to_string(),
+            "--https-key".into(),
+            gw2_tls.join("key.pem").display().to_string(),
             "--ready-file".into(),
             ready.display().to_string(),
         ],
@@ -294,11 +371,13 @@ fn aws_cli_and_boto3_against_sov_up() {
         sov_testkit::wait_ready(&mut gw2, &ready, Duration::from_secs(60)).expect("gateway 2");
     let second = Up {
         proc: gw2,
-        endpoint: format!("http://{}", r["listen"].as_str().unwrap()),
+        endpoint: format!("https://{}", r["listen"].as_str().unwrap()),
         access_key: up.access_key.clone(),
         secret_key: up.secret_key.clone(),
         metad: up.metad.clone(),
         gateway_metrics: String::new(),
+        ca_bundle: up.ca_bundle.clone(),
+        tls_dir: up.tls_dir.clone(),
     };
     let got = dir.path().join("z.gw2");
     second.aws(&["s3", "cp", "s3://s3cmd/z.bin", got.to_str().unwrap()]);
@@ -309,6 +388,17 @@ fn aws_cli_and_boto3_against_sov_up() {
     drop(second);
     println!("a second gateway serves the same objects");
 
+    // Plain HTTP is refused off loopback.
+    let out = Command::new(bin_path("gateway-s3"))
+        .args(["--listen", "0.0.0.0:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(["--metad", &up.metad, "--insecure-http", "--tls-dir"])
+        .arg(&gw2_tls)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("only allowed on loopback"), "{err}");
+
     // boto3.
     let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/boto3_suite.py");
     let out = Command::new("python3")
@@ -317,6 +407,8 @@ fn aws_cli_and_boto3_against_sov_up() {
         .env("AWS_ACCESS_KEY_ID", &up.access_key)
         .env("AWS_SECRET_ACCESS_KEY", &up.secret_key)
         .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_CA_BUNDLE", &up.ca_bundle)
+        .env("SOV_TLS_DIR", &up.tls_dir)
         .env("SOV_BIN", bin_path("sov"))
         .env("SOV_METAD", &up.metad)
         .output()

@@ -101,6 +101,11 @@ pub struct MetadConfig {
     /// File holding the 32-byte master key (64 hex digits); it must not be readable by others.
     /// Without it, access keys and data keys are refused.
     pub master_key_file: Option<PathBuf>,
+    /// TLS directory (`ca.pem`, `cert.pem`, `key.pem`, `crl.der`) with a `metad` certificate:
+    /// every connection to and from this member is mutual TLS.
+    pub tls_dir: Option<PathBuf>,
+    /// Serve and dial without TLS; refused unless every address is loopback.
+    pub insecure_plaintext: bool,
     pub raft: RaftConfig,
     pub nodes: NodesConfig,
 }
@@ -116,6 +121,8 @@ impl Default for MetadConfig {
             peers: Vec::new(),
             join: false,
             master_key_file: None,
+            tls_dir: None,
+            insecure_plaintext: false,
             raft: RaftConfig::default(),
             nodes: NodesConfig::default(),
         }

@@ -297,6 +297,7 @@ fn command_bytes(c: &Command) -> usize {
     match c {
         Command::Put { key, value } => key.len() + value.len(),
         Command::Delete { key } => key.len(),
+        Command::AuditAppend { record } => record.len(),
         Command::CompareAndSet { key, expected, new } => {
             key.len() + expected.as_ref().map_or(0, Vec::len) + new.as_ref().map_or(0, Vec::len)
         }

@@ -11,6 +11,7 @@
 #![allow(clippy::result_large_err)]
 
 pub use sov_client::meta as client;
+pub mod audit;
 pub mod config;
 pub mod core;
 pub mod metrics;
@@ -123,6 +124,19 @@ pub async fn run(
     let grpc_addr = listeners.grpc.local_addr()?;
     let metrics_addr = listeners.metrics.local_addr()?;
     let advertised = cfg.advertised(grpc_addr);
+    let transport = {
+        let peers = cfg.parsed_peers()?;
+        let grpc = grpc_addr.to_string();
+        let mut addrs: Vec<&str> = vec![&grpc, &advertised];
+        addrs.extend(peers.iter().map(|(_, a)| a.as_str()));
+        sov_common::tls::transport_from_flags(
+            cfg.tls_dir.as_deref(),
+            cfg.insecure_plaintext,
+            sov_common::tls::Role::Metad,
+            &addrs,
+        )?
+    };
+    sov_common::tls::install(transport.clone());
     if advertised
         .parse::<SocketAddr>()
         .is_ok_and(|a| a.ip().is_unspecified())
@@ -157,10 +171,27 @@ pub async fn run(
     );
 
     let (grpc_stop, mut grpc_sd) = shutdown::channel();
-    let incoming =
-        tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+    // Refused calls go to the audit log; a flood of them is dropped (and counted) rather
+    // than queued without bound.
+    let (refused_tx, refused_rx) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(service::audit_refusals(core.clone(), refused_rx));
+    let dropped = metrics.audit_dropped.clone();
+    let observer: sov_common::tls::RefusalObserver = Arc::new(move |path, peer, status| {
+        let origin = audit::Origin::of_peer(peer);
+        if refused_tx
+            .try_send((path.to_string(), origin, status.clone()))
+            .is_err()
+        {
+            dropped.inc();
+        }
+    });
+    let incoming = sov_common::tls::incoming(listeners.grpc, transport.clone());
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(
+                sov_common::tls::AuthzLayer::new(sov_common::tls::metad_policy, transport)
+                    .with_observer(observer),
+            )
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(32 << 20))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))

@@ -38,6 +38,13 @@ struct Flags {
     /// Master key file (64 hex digits, mode 0600).
     #[arg(long)]
     master_key_file: Option<PathBuf>,
+    /// TLS directory with this member's `metad` certificate (ca.pem, cert.pem, key.pem,
+    /// crl.der).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// No TLS (only when every address is loopback).
+    #[arg(long)]
+    insecure_plaintext: bool,
     /// Raft heartbeat period, e.g. 250ms.
     #[arg(long)]
     heartbeat_interval: Option<HumanDuration>,
@@ -100,6 +107,12 @@ fn config(f: Flags) -> anyhow::Result<(MetadConfig, Option<PathBuf>)> {
     }
     if f.master_key_file.is_some() {
         c.master_key_file = f.master_key_file;
+    }
+    if f.tls_dir.is_some() {
+        c.tls_dir = f.tls_dir;
+    }
+    if f.insecure_plaintext {
+        c.insecure_plaintext = true;
     }
     if !f.peers.is_empty() {
         c.peers = f.peers;

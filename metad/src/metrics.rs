@@ -25,6 +25,9 @@ pub struct Metrics {
     pub cluster_epoch: IntGauge,
     pub nodes: IntGaugeVec,
     pub pools: IntGauge,
+    pub audit_records: IntCounter,
+    pub audit_failures: IntCounter,
+    pub audit_dropped: IntCounter,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -45,6 +48,30 @@ impl Metrics {
             2.5, 5.0,
         ];
         Metrics {
+            audit_records: reg(
+                &r,
+                IntCounter::new(
+                    "metad_audit_records_total",
+                    "Audit records this member wrote (admin actions and refused calls).",
+                )
+                .expect("valid metric"),
+            ),
+            audit_failures: reg(
+                &r,
+                IntCounter::new(
+                    "metad_audit_failures_total",
+                    "Audit records that could not be written (no leader, shutting down).",
+                )
+                .expect("valid metric"),
+            ),
+            audit_dropped: reg(
+                &r,
+                IntCounter::new(
+                    "metad_audit_refusals_dropped_total",
+                    "Refused calls not recorded because too many came at once.",
+                )
+                .expect("valid metric"),
+            ),
             requests: reg(
                 &r,
                 IntCounterVec::new(

@@ -66,7 +66,7 @@ impl Connection {
             .tcp_nodelay(true)
             .initial_stream_window_size(8 << 20)
             .initial_connection_window_size(32 << 20);
-        let c = RaftClient::new(ep.connect_lazy())
+        let c = RaftClient::new(sov_common::tls::channel(ep, sov_common::tls::Role::Metad))
             .max_decoding_message_size(256 << 20)
             .max_encoding_message_size(256 << 20);
         self.client = Some(c.clone());

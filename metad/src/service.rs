@@ -36,10 +36,14 @@ fn forwarded<T>(req: &Request<T>) -> bool {
     req.metadata().contains_key(FORWARDED)
 }
 
-fn forward_request<T>(inner: T) -> Request<T> {
+/// The request as passed on to the leader: marked forwarded, with its original caller.
+fn forward_request<T>(inner: T, origin: &crate::audit::Origin) -> Request<T> {
     let mut r = Request::new(inner);
     r.metadata_mut()
         .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    if let Ok(v) = origin.header().parse() {
+        r.metadata_mut().insert(crate::audit::ORIGIN_HEADER, v);
+    }
     r
 }
 
@@ -75,15 +79,28 @@ pub(crate) fn stale(c: i32) -> bool {
 
 /// Runs a handler for `method`: forwards it to the leader unless it may be served here,
 /// counts it and times it.
+/// Runs a method: forwarded to the leader unless `local_ok`, timed and counted. With
+/// `audit = TARGET` (the names it acts on), the member that runs it records who called it,
+/// on what, and the result in the audit log.
 macro_rules! handle {
-    ($self:ident, $req:ident, $method:literal, $call:ident, local_ok = $local:expr, $body:expr) => {{
+    ($self:ident, $req:ident, $method:literal, $call:ident, local_ok = $local:expr, $body:expr) => {
+        handle!(@run $self, $req, $method, $call, $local, None::<String>, $body)
+    };
+    ($self:ident, $req:ident, $method:literal, $call:ident, local_ok = $local:expr, audit = $target:expr, $body:expr) => {
+        handle!(@run $self, $req, $method, $call, $local, Some($target), $body)
+    };
+    (@run $self:ident, $req:ident, $method:literal, $call:ident, $local:expr, $target:expr, $body:expr) => {{
         let start = Instant::now();
+        let origin = crate::audit::Origin::of(&$req);
+        let target: Option<String> = $target;
+        let mut passed_on = false;
         let r = async {
             if !$local {
                 if let Route::Leader(leader, mut c) = $self.core.route(forwarded(&$req)).await? {
+                    passed_on = true;
                     $self.core.metrics.forwarded.with_label_values(&[$method]).inc();
                     return tokio::select! {
-                        r = c.$call(forward_request($req.into_inner())) => r.map(|r| r.into_inner()),
+                        r = c.$call(forward_request($req.into_inner(), &origin)) => r.map(|r| r.into_inner()),
                         _ = $self.core.leader_changed(leader) => Err(abandoned($method)),
                     };
                 }
@@ -91,11 +108,37 @@ macro_rules! handle {
             $body
         }
         .await;
+        if let Some(t) = target
+            && !passed_on
+        {
+            $self
+                .audit(crate::audit::record(&origin, $method, &t, r.as_ref().map(|_| ())))
+                .await;
+        }
         $self.observe($method, start, r)
     }};
 }
 
 impl MetadService {
+    /// Appends a record to the audit log (on the leader, where the call ran). A record that
+    /// cannot be written is logged and counted; the call's answer stands.
+    pub(crate) async fn audit(&self, rec: sov_proto::metad::AuditRecord) {
+        let m = &self.core.metrics;
+        match self
+            .core
+            .propose(vec![Command::AuditAppend {
+                record: rec.encode_to_vec(),
+            }])
+            .await
+        {
+            Ok(_) => m.audit_records.inc(),
+            Err(e) => {
+                m.audit_failures.inc();
+                tracing::error!(method = %rec.method, principal = %rec.principal, "audit record not written: {}", e.message());
+            }
+        }
+    }
+
     fn observe<T>(
         &self,
         method: &str,
@@ -406,42 +449,52 @@ impl Metad for MetadService {
         &self,
         req: Request<AddMemberRequest>,
     ) -> Result<Response<ListMembersResponse>, Status> {
-        handle!(self, req, "AddMember", add_member, local_ok = false, {
-            let r = req.get_ref();
-            if r.id == 0 || r.addr.trim().is_empty() {
-                return Err(Status::invalid_argument(
-                    "a member needs an id > 0 and an address",
-                ));
-            }
-            let voters: BTreeSet<NodeId> = {
-                let m = self.core.raft.metrics();
-                let m = m.borrow();
-                m.membership_config.membership().voter_ids().collect()
-            };
-            if voters.contains(&r.id) {
-                return Err(Status::already_exists(format!(
-                    "member {} is already a voter",
-                    r.id
-                )));
-            }
-            let node = Member {
-                addr: r.addr.trim().to_string(),
-            };
-            // Joins as a learner and waits until it has caught up, then becomes a voter.
-            tokio::time::timeout(
-                Duration::from_secs(120),
-                self.core.raft.add_learner(r.id, node, true),
-            )
-            .await
-            .map_err(|_| Status::deadline_exceeded("the new member did not catch up within 120s"))?
-            .map_err(membership_error)?;
-            self.core
-                .raft
-                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([r.id])), false)
+        handle!(
+            self,
+            req,
+            "AddMember",
+            add_member,
+            local_ok = false,
+            audit = format!("member {} at {}", req.get_ref().id, req.get_ref().addr),
+            {
+                let r = req.get_ref();
+                if r.id == 0 || r.addr.trim().is_empty() {
+                    return Err(Status::invalid_argument(
+                        "a member needs an id > 0 and an address",
+                    ));
+                }
+                let voters: BTreeSet<NodeId> = {
+                    let m = self.core.raft.metrics();
+                    let m = m.borrow();
+                    m.membership_config.membership().voter_ids().collect()
+                };
+                if voters.contains(&r.id) {
+                    return Err(Status::already_exists(format!(
+                        "member {} is already a voter",
+                        r.id
+                    )));
+                }
+                let node = Member {
+                    addr: r.addr.trim().to_string(),
+                };
+                // Joins as a learner and waits until it has caught up, then becomes a voter.
+                tokio::time::timeout(
+                    Duration::from_secs(120),
+                    self.core.raft.add_learner(r.id, node, true),
+                )
                 .await
+                .map_err(|_| {
+                    Status::deadline_exceeded("the new member did not catch up within 120s")
+                })?
                 .map_err(membership_error)?;
-            Ok(self.members())
-        })
+                self.core
+                    .raft
+                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([r.id])), false)
+                    .await
+                    .map_err(membership_error)?;
+                Ok(self.members())
+            }
+        )
     }
 
     async fn remove_member(
@@ -454,6 +507,7 @@ impl Metad for MetadService {
             "RemoveMember",
             remove_member,
             local_ok = false,
+            audit = format!("member {}", req.get_ref().id),
             {
                 let id = req.get_ref().id;
                 let mut voters: BTreeSet<NodeId> = {
@@ -481,6 +535,9 @@ impl Metad for MetadService {
         &self,
         req: Request<RegisterNodeRequest>,
     ) -> Result<Response<RegisterNodeResponse>, Status> {
+        if let Some(n) = &req.get_ref().node {
+            node_claim(&req, &n.id, Some(n.zone.as_str()))?;
+        }
         handle!(
             self,
             req,
@@ -533,6 +590,7 @@ impl Metad for MetadService {
         &self,
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        node_claim(&req, &req.get_ref().node_id, None)?;
         handle!(self, req, "Heartbeat", heartbeat, local_ok = false, {
             let r = req.into_inner();
             // Answers from the committed map (heartbeats from many nodes share one round).
@@ -605,95 +663,103 @@ impl Metad for MetadService {
         &self,
         req: Request<CreatePoolRequest>,
     ) -> Result<Response<CreatePoolResponse>, Status> {
-        handle!(self, req, "CreatePool", create_pool, local_ok = false, {
-            let r = req.into_inner();
-            tables::validate_name("pool name", &r.name).map_err(Status::invalid_argument)?;
-            let red = redundancy(r.redundancy.as_ref())?;
-            let tier = if r.tier.is_empty() {
-                "standard".to_string()
-            } else {
-                r.tier.clone()
-            };
-            if !TIERS.contains(&tier.as_str()) {
-                return Err(Status::invalid_argument(format!(
-                    "unknown tier {tier:?}: one of {}",
-                    TIERS.join(", ")
-                )));
+        handle!(
+            self,
+            req,
+            "CreatePool",
+            create_pool,
+            local_ok = false,
+            audit = format!("pool {}", req.get_ref().name),
+            {
+                let r = req.into_inner();
+                tables::validate_name("pool name", &r.name).map_err(Status::invalid_argument)?;
+                let red = redundancy(r.redundancy.as_ref())?;
+                let tier = if r.tier.is_empty() {
+                    "standard".to_string()
+                } else {
+                    r.tier.clone()
+                };
+                if !TIERS.contains(&tier.as_str()) {
+                    return Err(Status::invalid_argument(format!(
+                        "unknown tier {tier:?}: one of {}",
+                        TIERS.join(", ")
+                    )));
+                }
+                if r.pg_count > 65_536 {
+                    return Err(Status::invalid_argument("pg_count is at most 65536"));
+                }
+                let _g = self.core.map_lock.lock().await;
+                let map = self.cluster_map()?;
+                let pmap = placement_map(&map.nodes, map.epoch);
+                placement::check_profile(&red, &pmap).map_err(|e| {
+                    Status::failed_precondition(format!("pool {} refused: {e}", r.name))
+                })?;
+                let warning = placement::zone_shortfall(&red, &pmap).unwrap_or_default();
+                let eligible = pmap.nodes.iter().filter(|n| n.is_eligible()).count().max(1);
+                let pg_count = if r.pg_count > 0 {
+                    r.pg_count
+                } else {
+                    // About 100 PG members per node, a power of two, at least 32.
+                    ((eligible * 100 / red.width().max(1)).max(32) as u32)
+                        .next_power_of_two()
+                        .min(4096)
+                };
+                let next_raw = self.get(tables::NEXT_POOL_ID_KEY)?;
+                let id = tables::decode_u64(next_raw.as_deref()).max(1);
+                let pool = Pool {
+                    name: r.name.clone(),
+                    id,
+                    redundancy: r.redundancy,
+                    tier,
+                    pg_count,
+                    created_epoch: map.epoch + 1,
+                };
+                let next_check = match next_raw {
+                    Some(v) => Check::Equals(v),
+                    None => Check::Absent,
+                };
+                // Pools are part of the map: a new pool is a new epoch.
+                let epoch_raw = self.get(tables::EPOCH_KEY)?;
+                let epoch_check = match &epoch_raw {
+                    Some(v) => Check::Equals(v.clone()),
+                    None => Check::Absent,
+                };
+                let failed = self
+                    .txn(
+                        vec![
+                            (tables::pool_key(&r.name), Check::Absent),
+                            (tables::NEXT_POOL_ID_KEY.to_vec(), next_check),
+                            (tables::EPOCH_KEY.to_vec(), epoch_check),
+                        ],
+                        vec![
+                            Op::Put {
+                                key: tables::pool_key(&r.name),
+                                value: pool.encode_to_vec(),
+                            },
+                            Op::Put {
+                                key: tables::NEXT_POOL_ID_KEY.to_vec(),
+                                value: tables::encode_u64(id + 1),
+                            },
+                            Op::Put {
+                                key: tables::EPOCH_KEY.to_vec(),
+                                value: tables::encode_u64(map.epoch + 1),
+                            },
+                        ],
+                    )
+                    .await?;
+                match failed {
+                    None => Ok(CreatePoolResponse {
+                        pool: Some(pool),
+                        warning,
+                    }),
+                    Some((0, _)) => Err(Status::already_exists(format!(
+                        "pool {} already exists",
+                        r.name
+                    ))),
+                    Some(_) => Err(Status::aborted("pool ids raced; retry")),
+                }
             }
-            if r.pg_count > 65_536 {
-                return Err(Status::invalid_argument("pg_count is at most 65536"));
-            }
-            let _g = self.core.map_lock.lock().await;
-            let map = self.cluster_map()?;
-            let pmap = placement_map(&map.nodes, map.epoch);
-            placement::check_profile(&red, &pmap).map_err(|e| {
-                Status::failed_precondition(format!("pool {} refused: {e}", r.name))
-            })?;
-            let warning = placement::zone_shortfall(&red, &pmap).unwrap_or_default();
-            let eligible = pmap.nodes.iter().filter(|n| n.is_eligible()).count().max(1);
-            let pg_count = if r.pg_count > 0 {
-                r.pg_count
-            } else {
-                // About 100 PG members per node, a power of two, at least 32.
-                ((eligible * 100 / red.width().max(1)).max(32) as u32)
-                    .next_power_of_two()
-                    .min(4096)
-            };
-            let next_raw = self.get(tables::NEXT_POOL_ID_KEY)?;
-            let id = tables::decode_u64(next_raw.as_deref()).max(1);
-            let pool = Pool {
-                name: r.name.clone(),
-                id,
-                redundancy: r.redundancy,
-                tier,
-                pg_count,
-                created_epoch: map.epoch + 1,
-            };
-            let next_check = match next_raw {
-                Some(v) => Check::Equals(v),
-                None => Check::Absent,
-            };
-            // Pools are part of the map: a new pool is a new epoch.
-            let epoch_raw = self.get(tables::EPOCH_KEY)?;
-            let epoch_check = match &epoch_raw {
-                Some(v) => Check::Equals(v.clone()),
-                None => Check::Absent,
-            };
-            let failed = self
-                .txn(
-                    vec![
-                        (tables::pool_key(&r.name), Check::Absent),
-                        (tables::NEXT_POOL_ID_KEY.to_vec(), next_check),
-                        (tables::EPOCH_KEY.to_vec(), epoch_check),
-                    ],
-                    vec![
-                        Op::Put {
-                            key: tables::pool_key(&r.name),
-                            value: pool.encode_to_vec(),
-                        },
-                        Op::Put {
-                            key: tables::NEXT_POOL_ID_KEY.to_vec(),
-                            value: tables::encode_u64(id + 1),
-                        },
-                        Op::Put {
-                            key: tables::EPOCH_KEY.to_vec(),
-                            value: tables::encode_u64(map.epoch + 1),
-                        },
-                    ],
-                )
-                .await?;
-            match failed {
-                None => Ok(CreatePoolResponse {
-                    pool: Some(pool),
-                    warning,
-                }),
-                Some((0, _)) => Err(Status::already_exists(format!(
-                    "pool {} already exists",
-                    r.name
-                ))),
-                Some(_) => Err(Status::aborted("pool ids raced; retry")),
-            }
-        })
+        )
     }
 
     async fn list_pools(
@@ -719,6 +785,11 @@ impl Metad for MetadService {
             "CreateBucket",
             create_bucket,
             local_ok = false,
+            audit = format!(
+                "bucket {} (pool {:?})",
+                req.get_ref().name,
+                req.get_ref().pool
+            ),
             {
                 let r = req.into_inner();
                 tables::validate_bucket_name(&r.name).map_err(Status::invalid_argument)?;
@@ -791,6 +862,7 @@ impl Metad for MetadService {
             "DeleteBucket",
             delete_bucket,
             local_ok = false,
+            audit = format!("bucket {}", req.get_ref().name),
             {
                 let name = req.into_inner().name;
                 tables::validate_bucket_name(&name).map_err(Status::invalid_argument)?;
@@ -1087,6 +1159,12 @@ impl Metad for MetadService {
             "CreateAccessKey",
             create_access_key,
             local_ok = false,
+            audit = format!(
+                "access key {:?} name {:?} admin {}",
+                req.get_ref().access_key_id,
+                req.get_ref().name,
+                req.get_ref().admin
+            ),
             {
                 let r = req.into_inner();
                 let name = r.name;
@@ -1257,6 +1335,7 @@ impl Metad for MetadService {
             "DeleteAccessKey",
             delete_access_key,
             local_ok = false,
+            audit = format!("access key {}", req.get_ref().access_key_id),
             {
                 let id = req.into_inner().access_key_id;
                 let key = tables::akey_key(&id);
@@ -1281,6 +1360,7 @@ impl Metad for MetadService {
             "CreateDataKey",
             create_data_key,
             local_ok = false,
+            audit = format!("data key for {:?}", req.get_ref().purpose),
             {
                 let purpose = req.into_inner().purpose;
                 if purpose.len() > 256 {
@@ -1349,6 +1429,12 @@ impl Metad for MetadService {
             "SetBucketAccess",
             set_bucket_access,
             local_ok = false,
+            audit = format!(
+                "bucket {} key {:?} {:?}",
+                req.get_ref().bucket,
+                req.get_ref().access_key_id,
+                req.get_ref().permission
+            ),
             {
                 let r = req.into_inner();
                 tables::validate_bucket_name(&r.bucket).map_err(Status::invalid_argument)?;
@@ -1480,6 +1566,11 @@ impl Metad for MetadService {
             "CreateVolume",
             create_volume,
             local_ok = false,
+            audit = format!(
+                "volume {} ({} bytes)",
+                req.get_ref().name,
+                req.get_ref().size
+            ),
             MetadService::create_volume(self, req.into_inner()).await
         )
     }
@@ -1511,6 +1602,7 @@ impl Metad for MetadService {
             "DeleteVolume",
             delete_volume,
             local_ok = false,
+            audit = format!("volume {}", req.get_ref().name),
             {
                 MetadService::delete_volume(self, req.into_inner())
                     .await
@@ -1529,6 +1621,11 @@ impl Metad for MetadService {
             "ResizeVolume",
             resize_volume,
             local_ok = false,
+            audit = format!(
+                "volume {} to {} bytes",
+                req.get_ref().name,
+                req.get_ref().size
+            ),
             MetadService::resize_volume(self, req.into_inner()).await
         )
     }
@@ -1543,6 +1640,7 @@ impl Metad for MetadService {
             "CreateSnapshot",
             create_snapshot,
             local_ok = false,
+            audit = format!("snapshot {}@{}", req.get_ref().volume, req.get_ref().name),
             MetadService::create_snapshot(self, req.into_inner()).await
         )
     }
@@ -1557,6 +1655,7 @@ impl Metad for MetadService {
             "DeleteSnapshot",
             delete_snapshot,
             local_ok = false,
+            audit = format!("snapshot {}@{}", req.get_ref().volume, req.get_ref().name),
             MetadService::delete_snapshot(self, req.into_inner()).await
         )
     }
@@ -1613,8 +1712,62 @@ impl Metad for MetadService {
             "SetVolumeState",
             set_volume_state,
             local_ok = false,
+            audit = format!(
+                "volume {} {} -> {}",
+                req.get_ref().name,
+                req.get_ref().from,
+                req.get_ref().to
+            ),
             MetadService::set_volume_state(self, req.into_inner()).await
         )
+    }
+
+    async fn list_audit(
+        &self,
+        req: Request<ListAuditRequest>,
+    ) -> Result<Response<ListAuditResponse>, Status> {
+        handle!(self, req, "ListAudit", list_audit, local_ok = false, {
+            use crate::audit;
+            self.read_barrier(Consistency::Linearizable as i32).await?;
+            let r = req.into_inner();
+            let limit = if r.limit == 0 {
+                1000
+            } else {
+                r.limit.min(10_000)
+            } as usize;
+            let start_after = if r.since > 1 {
+                audit::record_key(r.since - 1)
+            } else {
+                Vec::new()
+            };
+            let records = self
+                .core
+                .sm
+                .scan(audit::RECORDS, &start_after, limit)
+                .map_err(|e| internal("reading the audit log", e))?
+                .iter()
+                .map(|(_, v)| decode::<AuditRecord>("audit", v))
+                .collect::<Result<Vec<_>, _>>()?;
+            let next = self
+                .get(audit::NEXT)?
+                .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(1);
+            Ok(ListAuditResponse { records, next })
+        })
+    }
+
+    async fn append_audit(
+        &self,
+        req: Request<AppendAuditRequest>,
+    ) -> Result<Response<AppendAuditResponse>, Status> {
+        handle!(self, req, "AppendAudit", append_audit, local_ok = false, {
+            let Some(rec) = req.into_inner().record else {
+                return Err(Status::invalid_argument("AppendAudit needs a record"));
+            };
+            self.audit(rec).await;
+            Ok(AppendAuditResponse {})
+        })
     }
 
     async fn list_tombstones(
@@ -1954,4 +2107,67 @@ pub fn map_summary(core: &Arc<Core>) -> Result<MapSummary, Status> {
         ],
         pools: map.pools.len() as i64,
     })
+}
+
+/// A storage node speaks only for itself: the node id (and zone) it registers or heartbeats
+/// with must be the name (and zone) in its certificate. Operators and members may speak for
+/// any node (a member forwards after this check ran where the call came in).
+fn node_claim<T>(req: &Request<T>, node_id: &str, zone: Option<&str>) -> Result<(), Status> {
+    use sov_common::tls::{PeerInfo, Role};
+    let Some(id) = req
+        .extensions()
+        .get::<PeerInfo>()
+        .and_then(|p| p.identity.as_ref())
+    else {
+        return Ok(());
+    };
+    if id.role != Role::Storaged {
+        return Ok(());
+    }
+    if id.name != node_id {
+        return Err(Status::permission_denied(format!(
+            "{id} may not speak for node {node_id:?}"
+        )));
+    }
+    if let (Some(cz), Some(z)) = (&id.zone, zone)
+        && cz != z
+        && !(z.is_empty() && cz == "default")
+    {
+        return Err(Status::permission_denied(format!(
+            "{id} may not register in zone {z:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Records the calls `AuthzLayer` refused on this member (`refused` carries the gRPC path, the
+/// caller and the answer): on the leader directly, from a follower through `AppendAudit`.
+pub async fn audit_refusals(
+    core: Arc<Core>,
+    mut refused: tokio::sync::mpsc::Receiver<(String, crate::audit::Origin, Status)>,
+) {
+    while let Some((path, origin, status)) = refused.recv().await {
+        let method = path.rsplit('/').next().unwrap_or(&path).to_string();
+        let rec = crate::audit::record(&origin, &method, &path, Err(&status));
+        let r = match core.route(false).await {
+            Ok(Route::Local) => core
+                .propose(vec![Command::AuditAppend {
+                    record: rec.encode_to_vec(),
+                }])
+                .await
+                .map(|_| ()),
+            Ok(Route::Leader(_, mut c)) => c
+                .append_audit(AppendAuditRequest { record: Some(rec) })
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => core.metrics.audit_records.inc(),
+            Err(e) => {
+                core.metrics.audit_failures.inc();
+                tracing::error!(%path, principal = %origin.principal, "audit record of a refused call not written: {}", e.message());
+            }
+        }
+    }
 }

@@ -27,10 +27,14 @@ use openraft::{
     AnyError, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader,
     RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
 };
+use prost::Message;
 use rocksdb::{
     ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions,
 };
 use serde::{Deserialize, Serialize};
+use sov_proto::metad::AuditRecord;
+
+use crate::audit;
 
 /// Byte strings as hex in human-readable encodings (JSON, where serde_json would write them as
 /// arrays of numbers), as plain bytes in binary ones (bincode: the log, Raft messages,
@@ -183,6 +187,20 @@ pub enum Command {
         checks: Vec<(Vec<u8>, Check)>,
         ops: Vec<Op>,
     },
+    /// Appends an audit record (an encoded `AuditRecord`; apply numbers it and chains it to
+    /// the one before). The only way to write under `audit/`.
+    AuditAppend {
+        #[serde(with = "hexser::bytes")]
+        record: Vec<u8>,
+    },
+}
+
+/// What apply answers a write under `audit/` other than `AuditAppend`: refused.
+fn audit_refused() -> CommandResult {
+    CommandResult::Failed {
+        check: u32::MAX,
+        current: None,
+    }
 }
 
 /// A condition on the state machine, checked when the command is applied.
@@ -863,6 +881,62 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     let mut out = Vec::with_capacity(batch.commands.len());
                     for c in batch.commands {
                         out.push(match c {
+                            // The audit log is append-only.
+                            Command::Put { key, .. }
+                            | Command::Delete { key }
+                            | Command::CompareAndSet { key, .. }
+                                if key.starts_with(audit::PREFIX) =>
+                            {
+                                audit_refused()
+                            }
+                            Command::Txn { ops, .. }
+                                if ops.iter().any(|op| match op {
+                                    Op::Put { key, .. } | Op::Delete { key } => {
+                                        key.starts_with(audit::PREFIX)
+                                    }
+                                }) =>
+                            {
+                                audit_refused()
+                            }
+                            Command::AuditAppend { record } => {
+                                let seq = match self.read_through(&pending, audit::NEXT)? {
+                                    Some(v) if v.len() == 8 => {
+                                        u64::from_be_bytes(v.try_into().expect("8 bytes"))
+                                    }
+                                    _ => 1,
+                                };
+                                let prev = self
+                                    .read_through(&pending, audit::HEAD)?
+                                    .map(|v| String::from_utf8_lossy(&v).to_string())
+                                    .unwrap_or_default();
+                                let mut r = AuditRecord::decode(&record[..]).unwrap_or_else(|e| {
+                                    AuditRecord {
+                                        method: "?".into(),
+                                        message: format!("unreadable audit record: {e}"),
+                                        ..Default::default()
+                                    }
+                                });
+                                r.seq = seq;
+                                r.prev_hash = prev;
+                                r.hash = audit::chain_hash(&r);
+                                let head = r.hash.clone().into_bytes();
+                                stage(
+                                    &mut b,
+                                    sm,
+                                    &mut pending,
+                                    audit::record_key(seq),
+                                    Some(r.encode_to_vec()),
+                                );
+                                stage(
+                                    &mut b,
+                                    sm,
+                                    &mut pending,
+                                    audit::NEXT.to_vec(),
+                                    Some((seq + 1).to_be_bytes().to_vec()),
+                                );
+                                stage(&mut b, sm, &mut pending, audit::HEAD.to_vec(), Some(head));
+                                CommandResult::Done
+                            }
                             Command::Put { key, value } => {
                                 stage(&mut b, sm, &mut pending, key, Some(value));
                                 CommandResult::Done
@@ -1102,5 +1176,73 @@ mod tests {
             .unwrap();
         assert_eq!(sm2.get(b"a").unwrap(), Some(b"2".to_vec()));
         assert_eq!(sm2.applied_state().await.unwrap().0, Some(id(2)));
+    }
+
+    #[tokio::test]
+    async fn the_audit_log_is_append_only_and_chained() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, mut sm) = open(dir.path()).unwrap();
+        let id = |i| LogId::new(openraft::CommittedLeaderId::new(1, 0), i);
+        let rec = |m: &str| Command::AuditAppend {
+            record: AuditRecord {
+                method: m.into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        };
+        let key1 = audit::record_key(1);
+        let batch = Batch {
+            commands: vec![
+                rec("A"),
+                rec("B"),
+                // Every other way to write under audit/ is refused.
+                Command::Put {
+                    key: key1.clone(),
+                    value: b"forged".to_vec(),
+                },
+                Command::Delete { key: key1.clone() },
+                Command::CompareAndSet {
+                    key: audit::NEXT.to_vec(),
+                    expected: None,
+                    new: None,
+                },
+                Command::Txn {
+                    checks: vec![],
+                    ops: vec![Op::Delete { key: key1.clone() }],
+                },
+            ],
+        };
+        let r = sm
+            .apply(vec![Entry {
+                log_id: id(1),
+                payload: EntryPayload::Normal(batch),
+            }])
+            .await
+            .unwrap();
+        let refused = CommandResult::Failed {
+            check: u32::MAX,
+            current: None,
+        };
+        assert_eq!(
+            r[0].results,
+            vec![
+                CommandResult::Done,
+                CommandResult::Done,
+                refused.clone(),
+                refused.clone(),
+                refused.clone(),
+                refused,
+            ]
+        );
+        let records: Vec<AuditRecord> = sm
+            .scan(audit::RECORDS, b"", 10)
+            .unwrap()
+            .iter()
+            .map(|(_, v)| AuditRecord::decode(&v[..]).unwrap())
+            .collect();
+        assert_eq!(records.len(), 2);
+        assert_eq!((records[0].seq, records[1].seq), (1, 2));
+        assert_eq!(records[0].method, "A");
+        assert_eq!(audit::verify_chain("", &records), Ok(()));
     }
 }

@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use metad::client::{Client, MetaClient};
+use sov_common::tls::Role;
 use sov_proto::metad::*;
 use sov_testkit::{Metad, Storaged, TestDir, bin_path, free_port};
 use tonic::Code;
@@ -473,12 +474,19 @@ async fn tables_and_bad_input() {
     let e3 = c.heartbeat(hb("ok")).await.unwrap().into_inner().epoch;
     assert_eq!(e3, e2, "an unchanged heartbeat changes nothing");
 
-    // Garbage on the Raft port is refused, not a crash.
-    let ch = tonic::transport::Channel::from_shared(format!("http://{}", m.addr))
-        .unwrap()
-        .connect()
-        .await
+    // Garbage on the Raft port is refused, not a crash (sent with a member's certificate,
+    // as only members may call Raft).
+    let member = sov_testkit::pki()
+        .issue(Role::Metad, None, "metad-9", &dir.path().join("m9-tls"))
         .unwrap();
+    let ep = tonic::transport::Channel::from_shared(format!("http://{}", m.addr)).unwrap();
+    let ch = sov_common::tls::connect_with(
+        ep,
+        Role::Metad,
+        sov_common::tls::Transport::Tls(sov_common::tls::TlsContext::load(&member).unwrap()),
+    )
+    .await
+    .unwrap();
     let mut raft = sov_proto::metad::raft_client::RaftClient::new(ch);
     let r = raft
         .append_entries(RaftPayload {
@@ -608,6 +616,7 @@ async fn silent_storaged_goes_down_then_out_and_comes_back_up() {
 
     // The CLI shows it.
     let out = Command::new(bin_path("sov"))
+        .envs(sov_testkit::pki().cli_env())
         .args(["--output", "json", "node", "list", "--metad", &m.addr])
         .output()
         .unwrap();
@@ -625,6 +634,7 @@ async fn silent_storaged_goes_down_then_out_and_comes_back_up() {
 
 fn sov(args: &[&str]) -> (i32, serde_json::Value, String) {
     let out = Command::new(bin_path("sov"))
+        .envs(sov_testkit::pki().cli_env())
         .arg("--output")
         .arg("json")
         .args(args)

@@ -80,8 +80,8 @@ async fn connect(addr: &str) -> Result<ChunkStoreClient<Channel>, CliError> {
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(120))
         .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(64 << 20))
-        .connect()
+        .initial_connection_window_size(Some(64 << 20));
+    let ch = sov_common::tls::connect(ch, sov_common::tls::Role::Storaged)
         .await
         .map_err(|e| CliError::new(1, format!("cannot reach storaged at {addr}: {e}")))?;
     Ok(ChunkStoreClient::new(ch)

@@ -3,6 +3,8 @@
 //! status` shows and audits redundancy; `sov debug chunk ...` exercises one storage node by hand.
 //! Every command takes `--output json` for scripts.
 
+mod audit;
+mod cert;
 mod chunk;
 mod cluster;
 mod object;
@@ -27,6 +29,13 @@ struct Cli {
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     output: Output,
+    /// TLS directory with an operator (`admin`) certificate for talking to the cluster;
+    /// `sov up` makes one in DATA/client/tls.
+    #[arg(long, global = true, env = "SOV_TLS_DIR")]
+    tls_dir: Option<std::path::PathBuf>,
+    /// Talk to the cluster without TLS (a loopback cluster started with --insecure-plaintext).
+    #[arg(long, global = true)]
+    insecure_plaintext: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -80,6 +89,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: object::RepairCmd,
     },
+    /// metad's audit log: every admin action and refused call; `verify` checks its chain.
+    Audit(audit::AuditArgs),
+    /// The cluster CA: issue, list, rotate and revoke node and operator certificates.
+    Cert {
+        #[command(subcommand)]
+        cmd: cert::CertCmd,
+    },
     /// Low-level tools for operators and tests.
     Debug {
         #[command(subcommand)]
@@ -122,6 +138,30 @@ impl From<anyhow::Error> for CliError {
     }
 }
 
+/// How this CLI talks to the cluster: mutual TLS with the operator certificate in
+/// `--tls-dir` (or `$SOV_TLS_DIR`, or `~/.config/sov/tls`), or plaintext when asked.
+fn client_transport(dir: Option<&std::path::Path>, plain: bool) -> Result<(), CliError> {
+    use sov_common::tls;
+    let home = std::env::var_os("HOME")
+        .map(|h| std::path::PathBuf::from(h).join(".config/sov/tls"))
+        .filter(|d| d.join("cert.pem").exists());
+    let t = match (dir.map(std::path::Path::to_path_buf).or(home), plain) {
+        (_, true) => tls::Transport::Plain,
+        (Some(d), false) => tls::Transport::Tls(
+            tls::TlsContext::load(&d)
+                .map_err(|e| CliError::new(2, format!("TLS directory {}: {e:#}", d.display())))?,
+        ),
+        (None, false) => {
+            return Err(CliError::new(
+                2,
+                "no TLS directory: give --tls-dir (or SOV_TLS_DIR), or --insecure-plaintext",
+            ));
+        }
+    };
+    tls::install(t);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -129,6 +169,12 @@ fn main() -> ExitCode {
         .build()
         .expect("starting the tokio runtime");
     let out = cli.output;
+    if !matches!(cli.cmd, Cmd::Up(_) | Cmd::Cert { .. })
+        && let Err(e) = client_transport(cli.tls_dir.as_deref(), cli.insecure_plaintext)
+    {
+        eprintln!("sov: {}", e.message);
+        return ExitCode::from(e.code);
+    }
     let r = rt.block_on(async move {
         match cli.cmd {
             Cmd::Up(args) => up::run(args, out).await,
@@ -141,6 +187,8 @@ fn main() -> ExitCode {
             Cmd::Key { cmd } => object::run_key(cmd, out).await,
             Cmd::Volume { cmd } => volume::run(cmd, out).await,
             Cmd::Repair { cmd } => object::run_repair(cmd, out).await,
+            Cmd::Cert { cmd } => cert::run(cmd, out).await,
+            Cmd::Audit(a) => audit::run(a, out).await,
             Cmd::Debug { cmd } => match cmd {
                 DebugCmd::Chunk { cmd } => chunk::run(cmd, out).await,
                 DebugCmd::NodeInfo(a) => chunk::node_info(a, out).await,

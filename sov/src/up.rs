@@ -48,6 +48,46 @@ pub struct UpArgs {
     /// vhost-blk's /metrics port.
     #[arg(long, default_value_t = 9500)]
     vhost_blk_metrics_port: u16,
+    /// Serve S3 over plain HTTP instead of HTTPS (the cluster is on loopback).
+    #[arg(long)]
+    insecure_http: bool,
+}
+
+/// The cluster CA of this local cluster (DATA/pki), made on first start.
+fn cluster_ca(data: &std::path::Path) -> Result<sov_common::pki::Ca, CliError> {
+    let dir = data.join("pki");
+    let r = if dir.join("ca.key").exists() {
+        sov_common::pki::Ca::open(&dir)
+    } else {
+        sov_common::pki::Ca::init(&dir)
+    };
+    r.map_err(|e| CliError::new(1, format!("cluster CA in {}: {e:#}", dir.display())))
+}
+
+/// The TLS directory `dir/tls` for one process: kept if it already holds a certificate for
+/// this identity, else issued now. Returns its path.
+fn tls_dir_for(
+    ca: &sov_common::pki::Ca,
+    (role, zone, name): (sov_common::tls::Role, Option<&str>, &str),
+    extra_names: &[&str],
+    dir: &std::path::Path,
+) -> Result<PathBuf, CliError> {
+    use sov_common::tls::{NodeIdentity, TlsContext};
+    let tls = dir.join("tls");
+    let id = NodeIdentity::new(role, zone, name).map_err(|e| CliError::new(1, format!("{e:#}")))?;
+    let fail = |e: anyhow::Error| CliError::new(1, format!("certificate for {id}: {e:#}"));
+    match TlsContext::load(&tls) {
+        Ok(ctx) if ctx.identity() == &id => ca.copy_crl_into(&tls).map_err(fail)?,
+        _ => {
+            let req = sov_common::pki::CertRequest {
+                identity: id.clone(),
+                extra_names: extra_names.iter().map(|s| s.to_string()).collect(),
+                validity_days: sov_common::pki::NODE_VALIDITY_DAYS,
+            };
+            ca.issue_into(&req, &tls).map_err(fail)?;
+        }
+    }
+    Ok(tls)
 }
 
 struct Node {
@@ -239,7 +279,7 @@ async fn setup(
     a: &UpArgs,
     data: &std::path::Path,
     metad: &str,
-) -> Result<(String, String), CliError> {
+) -> Result<(String, String, bool), CliError> {
     use sov_client::meta::{MetaClient, parse_addrs};
     use sov_proto::metad as pb;
     let mc = MetaClient::new(&parse_addrs(metad))
@@ -301,11 +341,11 @@ async fn setup(
         }
     }
     let saved = data.join("root-key.json");
-    let (ak, sk) = match (
+    let (ak, sk, fresh) = match (
         std::env::var("SOV_ROOT_ACCESS_KEY"),
         std::env::var("SOV_ROOT_SECRET_KEY"),
     ) {
-        (Ok(a), Ok(s)) if !a.is_empty() && !s.is_empty() => (a, s),
+        (Ok(a), Ok(s)) if !a.is_empty() && !s.is_empty() => (a, s, false),
         _ => match std::fs::read(&saved)
             .ok()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
@@ -313,6 +353,7 @@ async fn setup(
             Some(v) => (
                 v["access_key"].as_str().unwrap_or_default().to_string(),
                 v["secret_key"].as_str().unwrap_or_default().to_string(),
+                false,
             ),
             None => {
                 let abc = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
@@ -320,7 +361,7 @@ async fn setup(
                     .map(|_| abc[rand::random::<usize>() % abc.len()] as char)
                     .collect();
                 let secret = hex::encode(rand::random::<[u8; 20]>());
-                (format!("SOVROOT{id}"), secret)
+                (format!("SOVROOT{id}"), secret, true)
             }
         },
     };
@@ -351,7 +392,7 @@ async fn setup(
         &serde_json::to_vec_pretty(&serde_json::json!({"access_key": ak, "secret_key": sk}))
             .expect("plain JSON"),
     )?;
-    Ok((ak, sk))
+    Ok((ak, sk, fresh))
 }
 
 /// The cluster's master key file, created (random, mode 0600) on first start.
@@ -394,6 +435,18 @@ pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
     }
     let mut nodes: Vec<Node> = Vec::new();
     let key = master_key(&data)?;
+    use sov_common::tls::Role;
+    let ca = cluster_ca(&data)?;
+    let client_tls = tls_dir_for(
+        &ca,
+        (Role::Admin, None, "sov-up"),
+        &[],
+        &data.join("client"),
+    )?;
+    sov_common::tls::install(sov_common::tls::Transport::Tls(
+        sov_common::tls::TlsContext::load(&client_tls)
+            .map_err(|e| CliError::new(1, format!("{e:#}")))?,
+    ));
     let members: Vec<(u32, String)> = (1..=a.metad_members)
         .map(|i| (i, format!("127.0.0.1:{}", a.metad_port + i as u16 - 1)))
         .collect();
@@ -412,6 +465,8 @@ pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
     for (i, addr) in &members {
         let name = format!("metad-{i}");
         let dir = data.join(&name);
+        let zone = format!("zone-{}", (i - 1) % a.zones + 1);
+        let tls = tls_dir_for(&ca, (Role::Metad, Some(&zone), &name), &[], &dir)?;
         let mut args = vec![
             "--id".to_string(),
             i.to_string(),
@@ -419,11 +474,12 @@ pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
             dir.join("data").display().to_string(),
             "--master-key-file".into(),
             key.display().to_string(),
+            "--tls-dir".into(),
+            tls.display().to_string(),
         ];
         if members.len() > 1 {
             args.extend(["--peers".to_string(), peers.clone()]);
         }
-        let zone = format!("zone-{}", (i - 1) % a.zones + 1);
         metad_ready.push(spawn_daemon(
             &mut nodes,
             &metad,
@@ -448,8 +504,11 @@ pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
             .map_err(|e| CliError::new(1, format!("cannot create {}: {e}", disk.display())))?;
         let listen = format!("127.0.0.1:{}", a.storaged_base_port + i as u16 - 1);
         let metrics = format!("127.0.0.1:{}", a.metrics_base_port + i as u16 - 1);
+        let tls = tls_dir_for(&ca, (Role::Storaged, Some(&zone), &name), &[], &dir)?;
         let args = vec![
-            "--node-id".to_string(),
+            "--tls-dir".to_string(),
+            tls.display().to_string(),
+            "--node-id".into(),
             name.clone(),
             "--zone".into(),
             zone.clone(),
@@ -468,7 +527,7 @@ pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
         )
         .await?;
     }
-    let (access_key, secret_key) = match setup(&a, &data, &metad_list).await {
+    let (access_key, secret_key, fresh_key) = match setup(&a, &data, &metad_list).await {
         Ok(k) => k,
         Err(e) => {
             stop_all(&mut nodes);
@@ -476,16 +535,44 @@ pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
         }
     };
     let s3_listen = format!("127.0.0.1:{}", a.s3_port);
+    let gw_tls = tls_dir_for(
+        &ca,
+        (Role::Gateway, Some("zone-1"), "gateway-s3"),
+        &["localhost", "127.0.0.1"],
+        &data.join("gateway-s3"),
+    )?;
+    let mut gw_args = vec![
+        "--metad".to_string(),
+        metad_list.clone(),
+        "--tls-dir".into(),
+        gw_tls.display().to_string(),
+    ];
+    if a.insecure_http {
+        gw_args.push("--insecure-http".into());
+    } else {
+        gw_args.extend([
+            "--https-cert".to_string(),
+            gw_tls.join("cert.pem").display().to_string(),
+            "--https-key".into(),
+            gw_tls.join("key.pem").display().to_string(),
+        ]);
+    }
     start_daemon(
         &mut nodes,
         &gateway,
         ("gateway-s3", "zone-1"),
         &data.join("gateway-s3"),
         (&s3_listen, &format!("127.0.0.1:{}", a.gateway_metrics_port)),
-        &["--metad".to_string(), metad_list.clone()],
+        &gw_args,
     )
     .await?;
     let nbd_listen = format!("127.0.0.1:{}", a.nbd_port);
+    let vb_tls = tls_dir_for(
+        &ca,
+        (Role::VhostBlk, Some("zone-1"), "vhost-blk-1"),
+        &[],
+        &data.join("vhost-blk-1"),
+    )?;
     start_daemon(
         &mut nodes,
         &vhost_blk,
@@ -502,12 +589,19 @@ pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
             "vhost-blk-1".into(),
             "--data".into(),
             data.join("vhost-blk-1").display().to_string(),
+            "--tls-dir".into(),
+            vb_tls.display().to_string(),
         ],
     )
     .await?;
-    let s3_endpoint = format!("http://{s3_listen}");
+    let scheme = if a.insecure_http { "http" } else { "https" };
+    let s3_endpoint = format!("{scheme}://{s3_listen}");
+    let ca_bundle = ca.ca_pem_path();
     let cluster = serde_json::json!({
         "s3_endpoint": s3_endpoint,
+        "ca_bundle": ca_bundle,
+        "ca_dir": ca.dir(),
+        "tls_dir": client_tls,
         "metad_endpoints": members.iter().map(|(_, a)| a.clone()).collect::<Vec<_>>(),
         "storaged_endpoints": nodes.iter().filter(|n| n.name.starts_with("storaged")).map(|n| n.listen.clone()).collect::<Vec<_>>(),
         "nbd_endpoint": format!("nbd://{nbd_listen}"),
@@ -540,8 +634,20 @@ pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
             }
             println!("S3 endpoint: {s3_endpoint}");
             println!("NBD exports: nbd://{nbd_listen}/VOLUME (sov volume attach VOLUME)");
+            println!("  export SOV_TLS_DIR={}", client_tls.display());
+            if !a.insecure_http {
+                println!("  export AWS_CA_BUNDLE={}", ca_bundle.display());
+            }
             println!("  AWS_ACCESS_KEY_ID={access_key}");
-            println!("  AWS_SECRET_ACCESS_KEY={secret_key}");
+            if fresh_key {
+                // Printed this once; it stays in root-key.json and cluster.json (mode 0600).
+                println!("  AWS_SECRET_ACCESS_KEY={secret_key}");
+            } else {
+                println!(
+                    "  AWS_SECRET_ACCESS_KEY in {} (shown when it was made)",
+                    path.display()
+                );
+            }
             println!("Ctrl-C stops everything.");
         }
     }

@@ -8,8 +8,16 @@ use std::time::{Duration, Instant};
 
 use sov_testkit::{Storaged, TestDir, free_port, free_port_range, http_get};
 
+/// `sov` as this test's operator (the test CA's admin certificate).
 fn sov(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let tls = sov_testkit::pki().admin_dir().display().to_string();
+    sov_tls(&tls, args, stdin)
+}
+
+/// `sov` with the operator certificate in `tls`.
+fn sov_tls(tls: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sov"))
+        .env("SOV_TLS_DIR", tls)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -257,8 +265,19 @@ fn sov_up_starts_and_stops_a_cluster() {
         v["s3_endpoint"]
             .as_str()
             .unwrap()
-            .starts_with("http://127.0.0.1:")
+            .starts_with("https://127.0.0.1:")
     );
+    let tls = v["tls_dir"].as_str().unwrap().to_string();
+    for secret in [
+        format!("{tls}/key.pem"),
+        format!("{}/pki/ca.key", data.display()),
+        format!("{}/gateway-s3/tls/key.pem", data.display()),
+    ] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&secret).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o077, 0, "{secret} is readable by others");
+    }
     assert!(!v["access_key"].as_str().unwrap().is_empty());
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&cluster).unwrap().permissions(),
@@ -283,7 +302,8 @@ fn sov_up_starts_and_stops_a_cluster() {
     let metad = v["metad_endpoints"][0].as_str().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let out = sov(
+        let out = sov_tls(
+            &tls,
             &["--output", "json", "node", "list", "--metad", &metad],
             None,
         );
@@ -301,20 +321,23 @@ fn sov_up_starts_and_stops_a_cluster() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let addr = v["storaged_endpoints"][0].as_str().unwrap().to_string();
-    let out = sov(
+    let out = sov_tls(
+        &tls,
         &["debug", "chunk", "put", "--storaged", &addr, "--id", "up/1"],
         Some(b"x"),
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     // A volume in the default pool, attached over NBD and written with qemu-io.
-    let out = sov(
+    let out = sov_tls(
+        &tls,
         &[
             "volume", "create", "vol", "--size", "16MiB", "--metad", &metad,
         ],
         None,
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let out = sov(
+    let out = sov_tls(
+        &tls,
         &[
             "--output", "json", "volume", "attach", "vol", "--metad", &metad,
         ],

@@ -104,6 +104,11 @@ pub struct StoragedConfig {
     pub metad: Vec<String>,
     /// Address metad hands out for this node; defaults to the bound listen address.
     pub advertise: Option<String>,
+    /// TLS directory (`ca.pem`, `cert.pem`, `key.pem`, `crl.der`) with a `storaged`
+    /// certificate whose name is this node's id and whose zone is its zone.
+    pub tls_dir: Option<PathBuf>,
+    /// Serve and dial without TLS; refused unless every address is loopback.
+    pub insecure_plaintext: bool,
     /// Disk I/O engine.
     pub io_engine: IoEngineChoice,
     /// Largest chunk accepted.
@@ -135,6 +140,8 @@ impl Default for StoragedConfig {
             zone: "default".into(),
             metad: Vec::new(),
             advertise: None,
+            tls_dir: None,
+            insecure_plaintext: false,
             io_engine: IoEngineChoice::Auto,
             max_chunk_size: ByteSize(16 << 20),
             segment_size: ByteSize(256 << 20),

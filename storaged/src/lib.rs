@@ -107,10 +107,42 @@ pub async fn run(
     );
     let grpc_addr = listeners.grpc.local_addr()?;
     let metrics_addr = listeners.metrics.local_addr()?;
+    let transport = {
+        let grpc = grpc_addr.to_string();
+        let mut addrs: Vec<&str> = vec![&grpc];
+        addrs.extend(cfg.advertise.as_deref());
+        addrs.extend(cfg.metad.iter().map(String::as_str));
+        sov_common::tls::transport_from_flags(
+            cfg.tls_dir.as_deref(),
+            cfg.insecure_plaintext,
+            sov_common::tls::Role::Storaged,
+            &addrs,
+        )?
+    };
+    // The certificate names the node and its zone; the flags must agree with it.
+    let cert_name = match &transport {
+        sov_common::tls::Transport::Tls(ctx) => {
+            let id = ctx.identity();
+            if let Some(n) = &cfg.node_id
+                && n != &id.name
+            {
+                anyhow::bail!("--node-id {n} but the certificate is for {}", id.name);
+            }
+            if let Some(z) = &id.zone
+                && z != &cfg.zone
+            {
+                anyhow::bail!("--zone {} but the certificate is for zone {z}", cfg.zone);
+            }
+            Some(id.name.clone())
+        }
+        sov_common::tls::Transport::Plain => None,
+    };
+    sov_common::tls::install(transport.clone());
     let ident = NodeIdent {
         node_id: cfg
             .node_id
             .clone()
+            .or(cert_name)
             .unwrap_or_else(|| default_node_id(grpc_addr.port())),
         zone: cfg.zone.clone(),
         io_engine: io.kind().to_string(),
@@ -215,10 +247,13 @@ pub async fn run(
     };
     let (grpc_stop, mut grpc_sd) = shutdown::channel();
     // Small replies must not wait for Nagle's algorithm (a 40 ms stall per small Get otherwise).
-    let incoming =
-        tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+    let incoming = sov_common::tls::incoming(listeners.grpc, transport.clone());
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(sov_common::tls::AuthzLayer::new(
+                sov_common::tls::storaged_policy,
+                transport,
+            ))
             .concurrency_limit_per_connection(256)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             // Chunks are megabytes: HTTP/2's default 64 KiB windows would stall every stream

@@ -35,6 +35,13 @@ struct Flags {
     /// Address metad hands out for this node (default: the bound listen address).
     #[arg(long)]
     advertise: Option<String>,
+    /// TLS directory with this node's `storaged` certificate (ca.pem, cert.pem, key.pem,
+    /// crl.der).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// No TLS (only when every address is loopback).
+    #[arg(long)]
+    insecure_plaintext: bool,
     /// Disk I/O engine.
     #[arg(long, value_enum)]
     io_engine: Option<IoEngineChoice>,
@@ -104,6 +111,12 @@ fn config(f: Flags) -> anyhow::Result<(StoragedConfig, Option<PathBuf>)> {
     }
     if f.advertise.is_some() {
         c.advertise = f.advertise;
+    }
+    if f.tls_dir.is_some() {
+        c.tls_dir = f.tls_dir;
+    }
+    if f.insecure_plaintext {
+        c.insecure_plaintext = true;
     }
     if let Some(v) = f.io_engine {
         c.io_engine = v;

@@ -205,6 +205,210 @@ pub fn wait_ready<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// The test process's cluster CA: made once per process (nextest runs each test in its own),
+/// in a temporary folder. Making it installs an operator (`admin`) certificate as this
+/// process's transport, so every client the test builds speaks mutual TLS.
+pub struct Pki {
+    pub dir: PathBuf,
+    ca: sov_common::pki::Ca,
+    admin: PathBuf,
+}
+
+static PKI: std::sync::OnceLock<Pki> = std::sync::OnceLock::new();
+
+/// The process's [`Pki`], made on first use.
+pub fn pki() -> &'static Pki {
+    PKI.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!(
+            "sov-test-pki-{}-{:x}",
+            std::process::id(),
+            rand_u16()
+        ));
+        let ca = sov_common::pki::Ca::init(&dir.join("ca")).expect("making the test CA");
+        let admin = dir.join("admin");
+        let id = sov_common::tls::NodeIdentity::new(sov_common::tls::Role::Admin, None, "test")
+            .expect("identity");
+        ca.issue_into(&sov_common::pki::CertRequest::node(id), &admin)
+            .expect("issuing the test's admin certificate");
+        let ctx = sov_common::tls::TlsContext::load(&admin).expect("loading the admin certificate");
+        sov_common::tls::install(sov_common::tls::Transport::Tls(ctx));
+        Pki { dir, ca, admin }
+    })
+}
+
+impl Pki {
+    pub fn ca(&self) -> &sov_common::pki::Ca {
+        &self.ca
+    }
+
+    /// The operator's TLS directory (give it to `sov` as `--tls-dir` or `SOV_TLS_DIR`).
+    pub fn admin_dir(&self) -> &Path {
+        &self.admin
+    }
+
+    /// Environment for a `sov` CLI child: its TLS directory.
+    pub fn cli_env(&self) -> Vec<(String, String)> {
+        vec![("SOV_TLS_DIR".to_string(), self.admin.display().to_string())]
+    }
+
+    /// Issues a certificate for `role`/`zone`/`name` into `dir` (kept if `dir` already holds
+    /// one for that identity); returns `dir`.
+    pub fn issue(
+        &self,
+        role: sov_common::tls::Role,
+        zone: Option<&str>,
+        name: &str,
+        dir: &Path,
+    ) -> anyhow::Result<PathBuf> {
+        let id = sov_common::tls::NodeIdentity::new(role, zone, name)?;
+        if let Ok(ctx) = sov_common::tls::TlsContext::load(dir)
+            && ctx.identity() == &id
+        {
+            return Ok(dir.to_path_buf());
+        }
+        self.ca
+            .issue_into(&sov_common::pki::CertRequest::node(id), dir)?;
+        Ok(dir.to_path_buf())
+    }
+}
+
+impl Pki {
+    /// A transport with a fresh certificate for `role`/`zone`/`name` (kept in the PKI
+    /// folder), and its serial (to revoke it).
+    pub fn peer(
+        &self,
+        role: sov_common::tls::Role,
+        zone: Option<&str>,
+        name: &str,
+    ) -> anyhow::Result<(sov_common::tls::Transport, String)> {
+        let dir = self.dir.join(format!("peer-{name}-{:x}", rand_u16()));
+        let id = sov_common::tls::NodeIdentity::new(role, zone, name)?;
+        let serial = self
+            .ca
+            .issue_into(&sov_common::pki::CertRequest::node(id), &dir)?;
+        let ctx = sov_common::tls::TlsContext::load(&dir)?;
+        Ok((sov_common::tls::Transport::Tls(ctx), serial))
+    }
+
+    /// A transport whose certificate comes from another CA (another cluster's, or forged).
+    pub fn foreign_peer(
+        &self,
+        role: sov_common::tls::Role,
+        name: &str,
+    ) -> anyhow::Result<sov_common::tls::Transport> {
+        let other = self.dir.join(format!("foreign-{:x}", rand_u16()));
+        let ca = sov_common::pki::Ca::init(&other.join("ca"))?;
+        let id = sov_common::tls::NodeIdentity::new(role, None, name)?;
+        ca.issue_into(&sov_common::pki::CertRequest::node(id), &other.join("tls"))?;
+        Ok(sov_common::tls::Transport::Tls(
+            sov_common::tls::TlsContext::load(&other.join("tls"))?,
+        ))
+    }
+
+    /// Revokes `serial` and copies the new CRL into each TLS folder (a daemon's `work/tls`).
+    pub fn revoke(&self, serial: &str, push: &[&Path]) -> anyhow::Result<()> {
+        self.ca.revoke_hex(serial)?;
+        for d in push {
+            self.ca.copy_crl_into(d)?;
+        }
+        Ok(())
+    }
+
+    /// Opens TLS to `addr` as a client that trusts the CA but shows no certificate, expecting
+    /// `role`, and reads what the server sends first. A server that requires a client
+    /// certificate answers with an alert (an error here) and never with HTTP/2 SETTINGS.
+    pub async fn read_without_client_cert(
+        &self,
+        addr: &str,
+        role: sov_common::tls::Role,
+    ) -> std::io::Result<Vec<u8>> {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject;
+        use tokio::io::AsyncReadExt;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in
+            CertificateDer::pem_file_iter(self.ca.ca_pem_path()).map_err(std::io::Error::other)?
+        {
+            roots
+                .add(c.map_err(std::io::Error::other)?)
+                .map_err(std::io::Error::other)?;
+        }
+        let mut cfg = rustls::ClientConfig::builder_with_provider(sov_common::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(std::io::Error::other)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let tcp = tokio::net::TcpStream::connect(addr.trim_start_matches("http://")).await?;
+        let name = rustls_pki_types::ServerName::try_from(role.dns_name())
+            .map_err(std::io::Error::other)?;
+        let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+            .connect(name, tcp)
+            .await?;
+        let mut buf = vec![0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .map_err(|_| std::io::Error::other("the server said nothing for 5 s"))??;
+        buf.truncate(n);
+        Ok(buf)
+    }
+}
+
+/// The value after `flag` in `args` (the last one wins, as clap does).
+fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.windows(2)
+        .rev()
+        .find(|w| w[0] == flag)
+        .map(|w| w[1].as_str())
+}
+
+/// A name made of what certificate names allow.
+fn label(s: &str) -> String {
+    let l: String = s
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(63)
+        .collect();
+    if l.is_empty() { "x".into() } else { l }
+}
+
+/// `--tls-dir` for daemon `name` started with `args`, unless they choose their transport
+/// themselves (`--tls-dir` or `--insecure-plaintext`): a certificate from [`pki`] with the
+/// identity the flags give (a storaged's `--node-id` and `--zone`, a metad's `--id`).
+pub fn tls_args(name: &str, work: &Path, args: &[String]) -> anyhow::Result<Vec<String>> {
+    use sov_common::tls::Role;
+    if args
+        .iter()
+        .any(|a| a == "--tls-dir" || a == "--insecure-plaintext")
+    {
+        return Ok(Vec::new());
+    }
+    let (role, zone, who) = match name {
+        "metad" => (
+            Role::Metad,
+            None,
+            format!("metad-{}", flag_value(args, "--id").unwrap_or("1")),
+        ),
+        "storaged" => (
+            Role::Storaged,
+            flag_value(args, "--zone"),
+            flag_value(args, "--node-id")
+                .map(label)
+                .unwrap_or_else(|| format!("storaged-{:x}", rand_u16())),
+        ),
+        "vhost-blk" => (
+            Role::VhostBlk,
+            None,
+            label(flag_value(args, "--id").unwrap_or("vhost-blk")),
+        ),
+        "gateway-s3" => (Role::Gateway, None, "gateway".to_string()),
+        _ => return Ok(Vec::new()),
+    };
+    let dir = pki().issue(role, zone, &who, &work.join("tls"))?;
+    Ok(vec!["--tls-dir".into(), dir.display().to_string()])
+}
+
 /// Starts daemon `name` (a binary of the workspace) with `args` and `--ready-file
 /// <work>/<name>-ready-<n>.json`, its output in `<work>/<name>.log`, and waits until it is ready.
 pub fn launch<T: serde::de::DeserializeOwned>(
@@ -219,6 +423,7 @@ pub fn launch<T: serde::de::DeserializeOwned>(
     let ready_file = work.join(format!("{name}-ready-{n}.json"));
     let _ = std::fs::remove_file(&ready_file);
     let mut all = args.to_vec();
+    all.extend(tls_args(name, work, args)?);
     all.push("--ready-file".into());
     all.push(ready_file.display().to_string());
     let mut proc = Process::spawn_env(
@@ -323,12 +528,11 @@ impl Storaged {
 
     /// A gRPC client, connected.
     pub async fn client(&self) -> anyhow::Result<ChunkStoreClient<Channel>> {
-        let ch = Channel::from_shared(self.endpoint())?
+        let ep = Channel::from_shared(self.endpoint())?
             .connect_timeout(Duration::from_secs(5))
             .initial_stream_window_size(Some(8 << 20))
-            .initial_connection_window_size(Some(64 << 20))
-            .connect()
-            .await?;
+            .initial_connection_window_size(Some(64 << 20));
+        let ch = sov_common::tls::connect(ep, sov_common::tls::Role::Storaged).await?;
         Ok(ChunkStoreClient::new(ch)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20))
@@ -457,9 +661,9 @@ impl Metad {
 
     /// A client for this member only.
     pub fn client(&self) -> anyhow::Result<MetadClient<Channel>> {
-        let ch = Channel::from_shared(format!("http://{}", self.addr))?
-            .connect_timeout(Duration::from_secs(2))
-            .connect_lazy();
+        let ep = Channel::from_shared(format!("http://{}", self.addr))?
+            .connect_timeout(Duration::from_secs(2));
+        let ch = sov_common::tls::channel(ep, sov_common::tls::Role::Metad);
         Ok(MetadClient::new(ch))
     }
 
@@ -861,5 +1065,107 @@ impl VhostBlk {
 
     pub fn metrics_url(&self) -> String {
         format!("http://{}/metrics", self.ready.metrics_listen)
+    }
+}
+
+/// A recording TCP proxy: forwards every connection to a target set later (a daemon's port is
+/// known only once it started) and keeps every byte each way, per connection, to read the wire.
+pub struct Tap {
+    pub addr: std::net::SocketAddr,
+    target: std::sync::Arc<std::sync::Mutex<Option<std::net::SocketAddr>>>,
+    /// (client to server, server to client) bytes of each connection.
+    pub streams: std::sync::Arc<std::sync::Mutex<Vec<TapStream>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What one proxied connection carried.
+#[derive(Default, Clone)]
+pub struct TapStream {
+    pub up: Vec<u8>,
+    pub down: Vec<u8>,
+}
+
+impl Tap {
+    /// Listens on a free loopback port; connections wait until [`Tap::set_target`].
+    pub async fn start() -> anyhow::Result<Tap> {
+        use std::sync::{Arc, Mutex};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = l.local_addr()?;
+        let target: Arc<Mutex<Option<std::net::SocketAddr>>> = Arc::new(Mutex::new(None));
+        let streams: Arc<Mutex<Vec<TapStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let (t, s) = (target.clone(), streams.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((conn, _)) = l.accept().await {
+                let (t, s) = (t.clone(), s.clone());
+                tokio::spawn(async move {
+                    let to = loop {
+                        if let Some(a) = *t.lock().expect("tap target") {
+                            break a;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    };
+                    let Ok(up) = tokio::net::TcpStream::connect(to).await else {
+                        return;
+                    };
+                    let i = {
+                        let mut v = s.lock().expect("tap streams");
+                        v.push(TapStream::default());
+                        v.len() - 1
+                    };
+                    let (cr, cw) = conn.into_split();
+                    let (ur, uw) = up.into_split();
+                    let a = Self::pump(cr, uw, s.clone(), i, true);
+                    let b = Self::pump(ur, cw, s, i, false);
+                    let _ = tokio::join!(a, b);
+                });
+            }
+        });
+        Ok(Tap {
+            addr,
+            target,
+            streams,
+            task,
+        })
+    }
+
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        streams: std::sync::Arc<std::sync::Mutex<Vec<TapStream>>>,
+        i: usize,
+        up: bool,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            {
+                let mut v = streams.lock().expect("tap streams");
+                let s = &mut v[i];
+                if up { &mut s.up } else { &mut s.down }.extend_from_slice(&buf[..n]);
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    }
+
+    pub fn set_target(&self, to: std::net::SocketAddr) {
+        *self.target.lock().expect("tap target") = Some(to);
+    }
+
+    /// Every connection's bytes so far.
+    pub fn recorded(&self) -> Vec<TapStream> {
+        self.streams.lock().expect("tap streams").clone()
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

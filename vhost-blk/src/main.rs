@@ -35,6 +35,13 @@ struct Flags {
     /// Queues offered to vhost-user frontends.
     #[arg(long)]
     vhost_queues: Option<usize>,
+    /// TLS directory with this exporter's `vhost-blk` certificate (ca.pem, cert.pem, key.pem,
+    /// crl.der): mutual TLS to metad and the storage nodes.
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// No TLS to metad and storage nodes (only when every metad address is loopback).
+    #[arg(long)]
+    insecure_plaintext: bool,
     /// Write {id, listen, metrics_listen, pid} as JSON here once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -63,6 +70,14 @@ fn settings(f: &Flags) -> anyhow::Result<Settings> {
     if metad.is_empty() {
         anyhow::bail!("--metad is required (or `metad` in the config file)");
     }
+    let addrs: Vec<&str> = metad.iter().map(String::as_str).collect();
+    let transport = sov_common::tls::transport_from_flags(
+        f.tls_dir.as_deref(),
+        f.insecure_plaintext,
+        sov_common::tls::Role::VhostBlk,
+        &addrs,
+    )?;
+    sov_common::tls::install(transport);
     let ttl = f.lease_ttl_ms.or(file.lease_ttl_ms).unwrap_or(10_000);
     if ttl < 300 {
         anyhow::bail!("lease_ttl_ms must be at least 300, got {ttl}");

@@ -18,6 +18,7 @@ const MIB: u64 = 1 << 20;
 fn run(cmd: &str, args: &[&str]) -> (bool, String) {
     let out = Command::new(cmd)
         .args(args)
+        .envs(sov_testkit::pki().cli_env())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cmd} (make test installs it): {e}"));
     let text = format!(
@@ -98,9 +99,11 @@ async fn replica_digests(
 ) -> std::collections::BTreeMap<u64, Vec<(usize, Vec<u8>)>> {
     let mut out: std::collections::BTreeMap<u64, Vec<(usize, Vec<u8>)>> = Default::default();
     for (i, n) in cl.nodes.iter().enumerate() {
-        let mut c = spb::extent_store_client::ExtentStoreClient::connect(n.endpoint())
+        let ep = tonic::transport::Endpoint::from_shared(n.endpoint()).unwrap();
+        let ch = sov_common::tls::connect(ep, sov_common::tls::Role::Storaged)
             .await
             .unwrap();
+        let mut c = spb::extent_store_client::ExtentStoreClient::new(ch);
         let r = c
             .list_extents(spb::ListExtentsRequest {
                 volume_id: volume_id.into(),
