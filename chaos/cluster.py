@@ -12,6 +12,7 @@ proxy, where latency, loss, stalls and resets are injected.
 """
 
 import json
+import ssl
 import os
 import shutil
 import signal
@@ -233,7 +234,11 @@ class Cluster:
             os.path.join(self.work, "gateway"))
         self.nbd_addr = (fip, 10809)
         vb = os.path.join(self.work, "vhost-blk")
-        vb_tls = self.issue("vhost-blk", "vhost-blk-1", None, os.path.join(vb, "tls"))
+        vb_tls = self.issue("vhost-blk", "vhost-blk-1", None, os.path.join(vb, "tls"), dns=fip)
+        # NBD off loopback is TLS only: the block load presents the operator's certificate.
+        self.nbd_tls = ssl.create_default_context(cafile=self.ca_bundle)
+        self.nbd_tls.load_cert_chain(os.path.join(self.admin_tls, "cert.pem"),
+                                     os.path.join(self.admin_tls, "key.pem"))
         self.procs["vhost-blk"] = Proc("vhost-blk", "front", self.net.ns("front"), [
             f"{self.bin}/vhost-blk", "--listen", f"{fip}:10809", "--metrics-listen", f"{fip}:9500",
             "--metad", self.metad_list, "--id", "vhost-blk-1", "--data", vb, "--lease-ttl-ms", "4000",

@@ -244,6 +244,7 @@ class BlockWorker(threading.Thread):
     def __init__(self, cluster, export, results, stop, pace=0.01):
         super().__init__(daemon=True)
         self.addr = cluster.nbd_addr
+        self.tls = cluster.nbd_tls
         self.export = export
         self.results, self.stop = results, stop
         self.rng = random.Random(7)
@@ -255,7 +256,7 @@ class BlockWorker(threading.Thread):
 
     def connect(self):
         if self.client is None:
-            self.client = NbdClient(*self.addr, self.export, timeout=20)
+            self.client = NbdClient(*self.addr, self.export, timeout=20, tls=self.tls)
             self.size = self.client.size
         return self.client
 

@@ -1,10 +1,12 @@
-"""A small NBD client (fixed newstyle, NBD_OPT_GO, simple replies) for the verifying block load.
+"""A small NBD client (fixed newstyle, NBD_OPT_STARTTLS, NBD_OPT_GO, simple replies) for the
+verifying block load.
 
 Only what the load needs: read, write (optionally FUA) and flush, one request at a time. Every
 failure raises NbdError; the caller treats the outcome of that request as unknown.
 """
 
 import socket
+import ssl
 import struct
 
 NBDMAGIC = b"NBDMAGIC"
@@ -13,6 +15,7 @@ REPLY_MAGIC = 0x3E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 
+OPT_STARTTLS = 5
 OPT_GO = 7
 REP_ACK = 1
 REP_INFO = 3
@@ -30,12 +33,14 @@ class NbdError(Exception):
 
 
 class NbdClient:
-    def __init__(self, host, port, export, timeout=10.0):
+    def __init__(self, host, port, export, timeout=10.0, tls=None):
+        """`tls`: an ssl.SSLContext (the cluster CA, a client certificate) for STARTTLS."""
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.settimeout(timeout)
         self.handle = 0
+        self.host = host
         try:
-            self._handshake(export)
+            self._handshake(export, tls)
         except (OSError, struct.error) as e:
             self.close()
             raise NbdError(f"handshake: {e}") from e
@@ -49,21 +54,30 @@ class NbdClient:
             buf += chunk
         return bytes(buf)
 
-    def _handshake(self, export):
+    def _reply(self):
+        magic, _opt, rtype, length = struct.unpack(">QIII", self._recv(20))
+        if magic != REPLY_MAGIC:
+            raise NbdError("bad option reply magic")
+        return rtype, self._recv(length) if length else b""
+
+    def _handshake(self, export, tls):
         hello = self._recv(18)
         if hello[:8] != NBDMAGIC or struct.unpack(">Q", hello[8:16])[0] != IHAVEOPT:
             raise NbdError("not a newstyle NBD server")
         # Client flags: fixed newstyle, no zeroes.
         self.sock.sendall(struct.pack(">I", 1 | 2))
+        if tls is not None:
+            self.sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_STARTTLS, 0))
+            rtype, body = self._reply()
+            if rtype != REP_ACK:
+                raise NbdError(f"STARTTLS refused: {body.decode(errors='replace')}")
+            self.sock = tls.wrap_socket(self.sock, server_hostname=self.host)
         name = export.encode()
         data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
         self.sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_GO, len(data)) + data)
         self.size = None
         while True:
-            magic, _opt, rtype, length = struct.unpack(">QIII", self._recv(20))
-            if magic != REPLY_MAGIC:
-                raise NbdError("bad option reply magic")
-            body = self._recv(length) if length else b""
+            rtype, body = self._reply()
             if rtype & 0x80000000:
                 raise NbdError(f"export {export!r} refused: {body.decode(errors='replace')}")
             if rtype == REP_INFO and len(body) >= 12 and struct.unpack(">H", body[:2])[0] == INFO_EXPORT:

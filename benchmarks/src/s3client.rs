@@ -45,26 +45,9 @@ fn hmac(key: &[u8], msg: &str) -> Vec<u8> {
 
 /// `(YYYYMMDDTHHMMSSZ, YYYYMMDD)` for a Unix time (UTC, proleptic Gregorian).
 pub fn amz_date(unix: u64) -> (String, String) {
-    let days = (unix / 86_400) as i64;
-    let secs = unix % 86_400;
-    // Days to civil date (the era-based algorithm, March-based years).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m, d, hh, mm, ss) = sov_common::units::civil_utc(unix);
     let day = format!("{y:04}{m:02}{d:02}");
-    let full = format!(
-        "{day}T{:02}{:02}{:02}Z",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    );
-    (full, day)
+    (format!("{day}T{hh:02}{mm:02}{ss:02}Z"), day)
 }
 
 /// Percent-encodes a path for the canonical request (every byte but unreserved ones and `/`).

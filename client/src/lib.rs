@@ -10,6 +10,7 @@
 // move the cost.
 #![allow(clippy::result_large_err)]
 
+pub mod audit;
 pub mod error;
 pub mod manifest;
 pub mod map;

@@ -222,3 +222,34 @@ pub fn retryable(s: &Status) -> bool {
         _ => false,
     }
 }
+
+/// Keeps this process's TLS folder holding the CRL published in metad (asked every 3 s), so a
+/// `sov cert revoke` reaches every daemon without copying files. Does nothing without TLS.
+pub async fn keep_crl_current(meta: MetaClient) {
+    let sov_common::tls::Transport::Tls(ctx) = sov_common::tls::transport() else {
+        return;
+    };
+    let meta = meta.with_retry_for(Duration::ZERO);
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let r = meta
+            .call(|mut c| async move { c.get_crl(sov_proto::metad::GetCrlRequest {}).await })
+            .await;
+        match r {
+            Ok(crl) if crl.number > last && !crl.der.is_empty() => {
+                match ctx.install_crl(&crl.der) {
+                    Ok(changed) => {
+                        if changed {
+                            tracing::info!(number = crl.number, "installed the published CRL");
+                        }
+                        last = crl.number;
+                    }
+                    Err(e) => tracing::warn!("the published CRL was not installed: {e:#}"),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!("no CRL from metad: {}", e.message()),
+        }
+    }
+}

@@ -56,7 +56,7 @@ pub struct OpenOptions {
 struct Layer {
     id: String,
     snap_id: u64,
-    key: Aes256Gcm,
+    keys: Keys,
 }
 
 /// An open volume with its writer lease.
@@ -65,7 +65,7 @@ pub struct VolumeHandle {
     name: String,
     id: String,
     pool: String,
-    key: Aes256Gcm,
+    keys: Keys,
     parents: Vec<Layer>,
     epoch: u64,
     seq: AtomicU64,
@@ -123,6 +123,44 @@ fn cipher(key: &sov_common::codec::ChunkKey) -> Aes256Gcm {
     Aes256Gcm::new_from_slice(key.as_bytes()).expect("32-byte key")
 }
 
+/// A volume's data keys by the lease epoch they start at (`RotateVolumeKey` adds one): a
+/// sector is sealed and opened with the key of the epoch in its version.
+struct Keys(Vec<(u64, Aes256Gcm)>);
+
+impl Keys {
+    /// The volume's keys, fetched from metad (the current one and every one it replaced).
+    async fn of(client: &Client, v: &mpb::Volume) -> Result<Keys, ClientError> {
+        let mut ids: Vec<(u64, &str)> = v
+            .older_keys
+            .iter()
+            .map(|k| (k.from_epoch, k.data_key_id.as_str()))
+            .collect();
+        ids.push((v.key_from_epoch, v.data_key_id.as_str()));
+        let mut keys = Vec::with_capacity(ids.len());
+        for (from, id) in ids {
+            keys.push((from, cipher(&client.data_key(id).await?)));
+        }
+        Ok(Keys::new(keys))
+    }
+
+    fn new(mut keys: Vec<(u64, Aes256Gcm)>) -> Keys {
+        // Stable: of two keys starting at the same epoch, the later one wins.
+        keys.sort_by_key(|(from, _)| *from);
+        Keys(keys)
+    }
+
+    /// The key for sectors written under lease epoch `epoch`.
+    fn for_epoch(&self, epoch: u64) -> &Aes256Gcm {
+        self.0
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= epoch)
+            .or(self.0.first())
+            .map(|(_, k)| k)
+            .expect("a volume has a key")
+    }
+}
+
 /// The placement id of an extent (what its PG is hashed from).
 pub fn extent_pid(volume_id: &str, index: u64) -> String {
     format!("v1/{volume_id}/{index:08x}")
@@ -156,7 +194,7 @@ impl VolumeHandle {
         if epoch == 0 || epoch > u32::MAX as u64 {
             return Err(ClientError::Internal(format!("bad lease epoch {epoch}")));
         }
-        let key = cipher(&client.data_key(&v.data_key_id).await?);
+        let keys = Keys::of(&client, &v).await?;
         // The chain of parents a clone reads through.
         let mut parents = Vec::new();
         let (mut pname, mut pid, mut psnap) =
@@ -181,7 +219,7 @@ impl VolumeHandle {
             parents.push(Layer {
                 id: p.id.clone(),
                 snap_id: psnap,
-                key: cipher(&client.data_key(&p.data_key_id).await?),
+                keys: Keys::of(&client, &p).await?,
             });
             (pname, pid, psnap) = (p.parent.clone(), p.parent_id.clone(), p.parent_snap_id);
         }
@@ -190,7 +228,7 @@ impl VolumeHandle {
             name: v.name.clone(),
             id: v.id.clone(),
             pool: v.pool.clone(),
-            key,
+            keys,
             parents,
             epoch,
             seq: AtomicU64::new(1),
@@ -741,7 +779,7 @@ impl VolumeHandle {
         &self,
         view: &View,
         volume_id: &str,
-        key: &Aes256Gcm,
+        keys: &Keys,
         snap_id: u64,
         index: u64,
         first: usize,
@@ -820,7 +858,8 @@ impl VolumeHandle {
                 if !zero {
                     // Check the tag now: a bad copy is skipped, not returned.
                     let mut buf = s.data.to_vec();
-                    let ok = key
+                    let ok = keys
+                        .for_epoch(u64::from(v.0))
                         .decrypt_in_place_detached(
                             Nonce::from_slice(&nonce(v.0, v.1)),
                             &aad(volume_id, index, first + i),
@@ -921,7 +960,7 @@ impl VolumeHandle {
         count: usize,
     ) -> Result<Vec<Bytes>, ClientError> {
         if let Some(s) = self
-            .read_layer(view, &self.id, &self.key, 0, index, first, count)
+            .read_layer(view, &self.id, &self.keys, 0, index, first, count)
             .await?
         {
             return Ok(s);
@@ -937,7 +976,7 @@ impl VolumeHandle {
         if elsewhere {
             self.sync_extent(view, index).await?;
             if let Some(s) = self
-                .read_layer(view, &self.id, &self.key, 0, index, first, count)
+                .read_layer(view, &self.id, &self.keys, 0, index, first, count)
                 .await?
             {
                 return Ok(s);
@@ -951,7 +990,7 @@ impl VolumeHandle {
         }
         for p in &self.parents {
             if let Some(s) = self
-                .read_layer(view, &p.id, &p.key, p.snap_id, index, first, count)
+                .read_layer(view, &p.id, &p.keys, p.snap_id, index, first, count)
                 .await?
             {
                 return Ok(s);
@@ -1010,13 +1049,13 @@ impl VolumeHandle {
             return Ok(());
         }
         if self
-            .read_layer(view, &self.id, &self.key, 0, index, 0, 1)
+            .read_layer(view, &self.id, &self.keys, 0, index, 0, 1)
             .await?
             .is_none()
         {
             for p in &self.parents {
                 if let Some(s) = self
-                    .read_layer(view, &p.id, &p.key, p.snap_id, index, 0, SECTORS)
+                    .read_layer(view, &p.id, &p.keys, p.snap_id, index, 0, SECTORS)
                     .await?
                 {
                     let mut i = 0;
@@ -1073,7 +1112,8 @@ impl VolumeHandle {
                 let mut tags = BytesMut::with_capacity(count * TAG);
                 for i in 0..count {
                     let t = self
-                        .key
+                        .keys
+                        .for_epoch(self.epoch)
                         .encrypt_in_place_detached(
                             Nonce::from_slice(&nonce(self.epoch as u32, seq + i as u64)),
                             &aad(&self.id, index, first + i),
@@ -1384,6 +1424,23 @@ pub fn max_live_snap(v: &mpb::Volume) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sector_opens_with_the_key_of_its_epoch() {
+        let k = |b: u8| Aes256Gcm::new_from_slice(&[b; 32]).unwrap();
+        let keys = Keys::new(vec![(5, k(2)), (0, k(1)), (9, k(3))]);
+        let seal = |key: &Aes256Gcm| {
+            let mut buf = [7u8; 16];
+            key.encrypt_in_place_detached(Nonce::from_slice(&[0; 12]), b"", &mut buf)
+                .unwrap()
+        };
+        assert_eq!(seal(keys.for_epoch(1)), seal(&k(1)));
+        assert_eq!(seal(keys.for_epoch(4)), seal(&k(1)));
+        assert_eq!(seal(keys.for_epoch(5)), seal(&k(2)));
+        assert_eq!(seal(keys.for_epoch(8)), seal(&k(2)));
+        assert_eq!(seal(keys.for_epoch(9)), seal(&k(3)));
+        assert_eq!(seal(keys.for_epoch(1000)), seal(&k(3)));
+    }
 
     #[test]
     fn nonces_never_repeat_across_epochs_and_sequences() {

@@ -153,6 +153,16 @@ impl Ca {
         Ok(())
     }
 
+    /// The number of the newest CRL.
+    pub fn crl_number(&self) -> anyhow::Result<u64> {
+        Ok(self.registry()?.crl_number)
+    }
+
+    /// The newest CRL (DER).
+    pub fn crl_der(&self) -> anyhow::Result<Vec<u8>> {
+        std::fs::read(self.dir.join("crl.der")).context("reading the CRL")
+    }
+
     /// Every certificate issued so far.
     pub fn issued(&self) -> anyhow::Result<Vec<Issued>> {
         Ok(self.registry()?.issued)

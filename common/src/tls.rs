@@ -264,6 +264,8 @@ impl TlsFiles {
 
 struct Built {
     server: Arc<ServerConfig>,
+    /// For clients outside sov (NBD): TLS 1.2 and 1.3, a client certificate of the CA.
+    block: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
     crl: Option<webpki::OwnedCertRevocationList>,
     stamp: Vec<Option<SystemTime>>,
@@ -329,6 +331,11 @@ fn build(files: &TlsFiles) -> anyhow::Result<(Built, NodeIdentity)> {
         .only_check_end_entity_revocation()
         .build()
         .context("client certificate verifier")?;
+    let block = ServerConfig::builder_with_provider(p.clone())
+        .with_protocol_versions(rustls::ALL_VERSIONS)?
+        .with_client_cert_verifier(client_verifier.clone())
+        .with_single_cert(chain.clone(), key.clone_key())
+        .context("block server certificate and key")?;
     let mut server = ServerConfig::builder_with_provider(p.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(client_verifier)
@@ -350,6 +357,7 @@ fn build(files: &TlsFiles) -> anyhow::Result<(Built, NodeIdentity)> {
     Ok((
         Built {
             server: Arc::new(server),
+            block: Arc::new(block),
             client: Arc::new(client),
             crl,
             stamp: files.stamp(),
@@ -408,9 +416,63 @@ impl TlsContext {
         self.built.read().expect("tls lock").server.clone()
     }
 
+    /// The configuration for NBD clients (qemu, libnbd): TLS 1.2 or 1.3 (GnuTLS peers), a
+    /// client certificate from the cluster CA required, the CRL applied.
+    pub fn block_server_config(&self) -> Arc<ServerConfig> {
+        self.refresh();
+        self.built.read().expect("tls lock").block.clone()
+    }
+
     pub fn client_config(&self) -> Arc<ClientConfig> {
         self.refresh();
         self.built.read().expect("tls lock").client.clone()
+    }
+
+    /// Checks that `der` is a CRL of this cluster's CA: a verifier built with it must accept
+    /// this process's own certificate (or find it revoked); a CRL from another CA or with a
+    /// bad signature makes it fail otherwise.
+    pub fn check_crl(&self, der: &[u8]) -> anyhow::Result<()> {
+        use rustls::client::danger::ServerCertVerifier;
+        webpki::OwnedCertRevocationList::from_der(der)
+            .map_err(|e| anyhow::anyhow!("not a CRL: {e}"))?;
+        let roots = self.roots()?;
+        let v = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+            .with_crls(vec![CertificateRevocationListDer::from(der.to_vec())])
+            .only_check_end_entity_revocation()
+            .build()?;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.files.cert)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", self.files.cert.display()))?;
+        let name = ServerName::try_from(self.identity.role.dns_name())?;
+        let now = rustls_pki_types::UnixTime::now();
+        match v.verify_server_cert(&chain[0], &chain[1..], &name, &[], now) {
+            Ok(_) => Ok(()),
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)) => Ok(()),
+            Err(e) => bail!("the CRL does not check out against this cluster's CA: {e}"),
+        }
+    }
+
+    fn roots(&self) -> anyhow::Result<Arc<RootCertStore>> {
+        let mut roots = RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(&self.files.ca)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", self.files.ca.display()))?
+        {
+            roots.add(c.map_err(|e| anyhow::anyhow!("bad CA file: {e}"))?)?;
+        }
+        Ok(Arc::new(roots))
+    }
+
+    /// Puts `der` in the TLS folder as the CRL (replacing the file whole) if it differs from
+    /// the one there; the next connection or request uses it. Returns whether it changed.
+    pub fn install_crl(&self, der: &[u8]) -> anyhow::Result<bool> {
+        if std::fs::read(&self.files.crl).ok().as_deref() == Some(der) {
+            return Ok(false);
+        }
+        self.check_crl(der)?;
+        let tmp = self.files.crl.with_extension("der.tmp");
+        std::fs::write(&tmp, der)?;
+        std::fs::rename(&tmp, &self.files.crl)?;
+        Ok(true)
     }
 
     /// Whether the current CRL lists this serial number.
@@ -864,7 +926,9 @@ pub fn metad_policy(path: &str) -> Option<&'static [Role]> {
             | "DeleteSnapshot" | "AcquireVolumeLease" | "RenewVolumeLease"
             | "ReleaseVolumeLease" | "SetVolumeState" => VOLUME,
             "GetVolume" | "ListVolumes" => VOLUME_READ,
-            "ListAudit" => OPERATOR,
+            "ListAudit" | "MasterKeyStatus" | "RotateMasterKey" | "RotateBucketKey"
+            | "RotateVolumeKey" | "PublishCrl" => OPERATOR,
+            "GetCrl" => ANY,
             "AppendAudit" => RAFT,
             _ => return None,
         }),

@@ -738,3 +738,37 @@ mod tests {
         }
     }
 }
+
+/// A Unix time in UTC as (year, month, day, hour, minute, second), proleptic Gregorian (the
+/// era-based days-to-civil algorithm, March-based years).
+pub fn civil_utc(unix: u64) -> (i64, u32, u32, u32, u32, u32) {
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (
+        y,
+        m as u32,
+        d as u32,
+        (secs / 3600) as u32,
+        (secs / 60 % 60) as u32,
+        (secs % 60) as u32,
+    )
+}
+
+#[cfg(test)]
+mod civil_tests {
+    #[test]
+    fn known_dates() {
+        assert_eq!(super::civil_utc(0), (1970, 1, 1, 0, 0, 0));
+        assert_eq!(super::civil_utc(951_782_400), (2000, 2, 29, 0, 0, 0));
+        assert_eq!(super::civil_utc(1_798_761_599), (2026, 12, 31, 23, 59, 59));
+    }
+}

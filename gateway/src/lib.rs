@@ -118,6 +118,7 @@ pub async fn run(
     ready_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let meta = MetaClient::new(&cfg.metad).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+    let crl_task = tokio::spawn(sov_client::meta::keep_crl_current(meta.clone()));
     let client = Client::with_meta(
         meta.clone(),
         ClientConfig {
@@ -179,6 +180,7 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_millis(200), conns.join_next()).await;
     }
     conns.abort_all();
+    crl_task.abort();
     mstop.trigger();
     let _ = metrics_task.await;
     tracing::info!("gateway-s3 stopped");

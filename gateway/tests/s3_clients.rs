@@ -29,10 +29,17 @@ fn start_up(data: &Path, ports: &[String]) -> Up {
     let _ = std::fs::remove_file(&cluster);
     let mut args: Vec<String> = vec!["up".into(), "--data".into(), data.display().to_string()];
     args.extend(ports.iter().cloned());
-    let mut proc = Process::spawn(
+    // Debug logs everywhere (the libraries' own chatter aside): the test checks that no
+    // secret shows up in them.
+    let env = [(
+        "RUST_LOG".to_string(),
+        "debug,h2=info,hyper=info,hyper_util=info,tower=info,rustls=info,tonic=info".to_string(),
+    )];
+    let mut proc = Process::spawn_env(
         "sov-up",
         &bin_path("sov"),
         &args,
+        &env,
         &data.with_extension("log"),
     )
     .expect("start sov up");
@@ -430,6 +437,7 @@ fn aws_cli_and_boto3_against_sov_up() {
     up.proc
         .terminate(Duration::from_secs(60))
         .expect("stop sov up");
+    let first_output = std::fs::read_to_string(data.with_extension("log")).unwrap_or_default();
     let up2 = start_up(&data, &ports);
     assert_eq!(up2.access_key, up.access_key);
     let back2 = dir.path().join("big.back2");
@@ -439,4 +447,83 @@ fn aws_cli_and_boto3_against_sov_up() {
         "data lost across a restart"
     );
     println!("restarted on the same directory; 100 MiB object intact");
+
+    // No secret in any log of the run (debug level), in /metrics, or in what `sov up` printed
+    // the second time: not the root S3 secret, not the master key, not a data key.
+    let master = std::fs::read_to_string(data.join("master.key")).unwrap();
+    let mut secrets = vec![up.secret_key.clone(), master.trim().to_string()];
+    // The data key of bucket `cli`, fetched as the operator.
+    sov_common::tls::install(sov_common::tls::Transport::Tls(
+        sov_common::tls::TlsContext::load(Path::new(&up2.tls_dir)).unwrap(),
+    ));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let data_key = rt.block_on(async {
+        use sov_proto::metad::{GetBucketRequest, GetDataKeyRequest};
+        let mut admin = sov_proto::metad::metad_client::MetadClient::new(sov_common::tls::channel(
+            tonic::transport::Channel::from_shared(format!("http://{}", up2.metad)).unwrap(),
+            sov_common::tls::Role::Metad,
+        ));
+        let b = admin
+            .get_bucket(GetBucketRequest {
+                name: "cli".into(),
+                consistency: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        admin
+            .get_data_key(GetDataKeyRequest { id: b.data_key_id })
+            .await
+            .unwrap()
+            .into_inner()
+            .key
+    });
+    assert_eq!(data_key.len(), 32);
+    secrets.push(hex::encode(&data_key));
+    let mut texts: Vec<(String, String)> = walk(&data)
+        .into_iter()
+        .filter(|e| e.extension().is_some_and(|x| x == "log"))
+        .map(|e| {
+            let t = String::from_utf8_lossy(&std::fs::read(&e).unwrap()).to_string();
+            (e.display().to_string(), t)
+        })
+        .collect();
+    // The first start made the root key and printed its secret, once; the second prints none.
+    assert_eq!(first_output.matches(up.secret_key.as_str()).count(), 1);
+    let all_output = std::fs::read_to_string(data.with_extension("log")).unwrap_or_default();
+    texts.push((
+        "the second sov up's output".into(),
+        all_output[first_output.len()..].to_string(),
+    ));
+    texts.push((
+        "gateway /metrics".into(),
+        http_get(&up2.gateway_metrics).unwrap_or_default(),
+    ));
+    let total: usize = texts.iter().map(|(_, t)| t.len()).sum();
+    assert!(total > 10_000, "too little logged to judge: {total} bytes");
+    let names = ["the root S3 secret", "the master key", "a data key"];
+    for (i, s) in secrets.iter().enumerate() {
+        assert!(s.len() >= 16, "{} is too short to look for", names[i]);
+        for (file, t) in &texts {
+            assert!(!t.contains(s.as_str()), "{} is in {file}", names[i]);
+        }
+    }
+    println!("no secret in {total} bytes of debug logs and metrics");
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
 }

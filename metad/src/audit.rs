@@ -7,7 +7,6 @@
 //! member forwarding a call to the leader passes the original caller on in `x-sov-origin`,
 //! which the leader believes only from another member.
 
-use prost::Message;
 use sov_common::tls::{PeerInfo, Role};
 use sov_proto::metad::AuditRecord;
 use tonic::Request;
@@ -30,26 +29,7 @@ pub fn record_key(seq: u64) -> Vec<u8> {
     k
 }
 
-/// The chain hash of a record: blake3 of its encoding with `hash` empty (`prev_hash` set).
-pub fn chain_hash(r: &AuditRecord) -> String {
-    let mut r = r.clone();
-    r.hash.clear();
-    blake3::hash(&r.encode_to_vec()).to_hex().to_string()
-}
-
-/// Checks a run of records, oldest first: each hash right and linked to the one before
-/// (`prev` is the hash before the first; empty for the start of the log). Returns the first
-/// broken sequence number.
-pub fn verify_chain(prev: &str, records: &[AuditRecord]) -> Result<(), u64> {
-    let mut prev = prev.to_string();
-    for r in records {
-        if r.prev_hash != prev || chain_hash(r) != r.hash {
-            return Err(r.seq);
-        }
-        prev = r.hash.clone();
-    }
-    Ok(())
-}
+pub use sov_client::audit::{chain_hash, verify_chain};
 
 /// Who made a call, as the audit log names them.
 #[derive(Clone, Debug, PartialEq, Eq)]

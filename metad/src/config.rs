@@ -101,6 +101,9 @@ pub struct MetadConfig {
     /// File holding the 32-byte master key (64 hex digits); it must not be readable by others.
     /// Without it, access keys and data keys are refused.
     pub master_key_file: Option<PathBuf>,
+    /// Earlier master keys, still accepted for opening what they wrapped until `sov master-key
+    /// rotate` has re-wrapped everything under the current one.
+    pub old_master_key_files: Vec<PathBuf>,
     /// TLS directory (`ca.pem`, `cert.pem`, `key.pem`, `crl.der`) with a `metad` certificate:
     /// every connection to and from this member is mutual TLS.
     pub tls_dir: Option<PathBuf>,
@@ -121,6 +124,7 @@ impl Default for MetadConfig {
             peers: Vec::new(),
             join: false,
             master_key_file: None,
+            old_master_key_files: Vec::new(),
             tls_dir: None,
             insecure_plaintext: false,
             raft: RaftConfig::default(),

@@ -42,6 +42,8 @@ pub struct Core {
     pub cfg: MetadConfig,
     pub metrics: Metrics,
     pub master: Option<ChunkKey>,
+    /// Earlier master keys (open only, never seal).
+    old_masters: std::sync::OnceLock<Vec<ChunkKey>>,
     proposals: mpsc::Sender<Proposal>,
     reads: Mutex<ReadState>,
     forward: Mutex<HashMap<String, Client>>,
@@ -90,6 +92,7 @@ impl Core {
             cfg,
             metrics,
             master,
+            old_masters: std::sync::OnceLock::new(),
             proposals: tx,
             reads: Mutex::new(ReadState::default()),
             forward: Mutex::new(HashMap::new()),
@@ -214,6 +217,27 @@ impl Core {
         let client = c.first();
         f.insert(addr.to_string(), client.clone());
         Ok(client)
+    }
+
+    /// Sets the earlier master keys (once, at start).
+    pub fn set_old_masters(&self, keys: Vec<ChunkKey>) {
+        let _ = self.old_masters.set(keys);
+    }
+
+    /// The id of a master key: the first 8 bytes of a keyed-purpose blake3, in hex (it names
+    /// the key without revealing it).
+    pub fn kid(key: &ChunkKey) -> String {
+        let mut h = blake3::Hasher::new();
+        h.update(b"sov-master-kid");
+        h.update(key.as_bytes());
+        hex::encode(&h.finalize().as_bytes()[..8])
+    }
+
+    /// Every master key held: the current one first, then the earlier ones.
+    pub fn masters(&self) -> impl Iterator<Item = &ChunkKey> {
+        self.master
+            .iter()
+            .chain(self.old_masters.get().into_iter().flatten())
     }
 
     /// The master key, or FAILED_PRECONDITION when metad runs without one.

@@ -61,17 +61,7 @@ pub struct Ready {
 /// Reads the master key: 64 hex digits (surrounding whitespace ignored) or 32 raw bytes. A
 /// key file that group or others may read is refused.
 pub fn load_master_key(path: &Path) -> anyhow::Result<ChunkKey> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("cannot read master key file {}", path.display()))?;
-    let mode = meta.permissions().mode();
-    if mode & 0o077 != 0 {
-        bail!(
-            "master key file {} is accessible by group or others (mode {:o}); chmod 600 it",
-            path.display(),
-            mode & 0o777
-        );
-    }
+    sov_common::tls::check_private(path).context("master key file")?;
     let raw = std::fs::read(path)
         .with_context(|| format!("cannot read master key file {}", path.display()))?;
     let bytes: Vec<u8> = match std::str::from_utf8(&raw).map(str::trim) {
@@ -121,6 +111,14 @@ pub async fn run(
         .as_deref()
         .map(load_master_key)
         .transpose()?;
+    let old_masters = cfg
+        .old_master_key_files
+        .iter()
+        .map(|p| load_master_key(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if !old_masters.is_empty() && master.is_none() {
+        bail!("--old-master-key-file needs a current --master-key-file");
+    }
     let grpc_addr = listeners.grpc.local_addr()?;
     let metrics_addr = listeners.metrics.local_addr()?;
     let advertised = cfg.advertised(grpc_addr);
@@ -169,10 +167,14 @@ pub async fn run(
         metrics.clone(),
         master,
     );
+    core.set_old_masters(old_masters);
 
     let (grpc_stop, mut grpc_sd) = shutdown::channel();
     // Refused calls go to the audit log; a flood of them is dropped (and counted) rather
     // than queued without bound.
+    if let sov_common::tls::Transport::Tls(ctx) = &transport {
+        tokio::spawn(service::install_published_crls(core.clone(), ctx.clone()));
+    }
     let (refused_tx, refused_rx) = tokio::sync::mpsc::channel(1024);
     tokio::spawn(service::audit_refusals(core.clone(), refused_rx));
     let dropped = metrics.audit_dropped.clone();

@@ -38,6 +38,10 @@ struct Flags {
     /// Master key file (64 hex digits, mode 0600).
     #[arg(long)]
     master_key_file: Option<PathBuf>,
+    /// An earlier master key, still accepted until `sov master-key rotate` re-wrapped
+    /// everything; repeat for several.
+    #[arg(long = "old-master-key-file")]
+    old_master_key_files: Vec<PathBuf>,
     /// TLS directory with this member's `metad` certificate (ca.pem, cert.pem, key.pem,
     /// crl.der).
     #[arg(long)]
@@ -107,6 +111,9 @@ fn config(f: Flags) -> anyhow::Result<(MetadConfig, Option<PathBuf>)> {
     }
     if f.master_key_file.is_some() {
         c.master_key_file = f.master_key_file;
+    }
+    if !f.old_master_key_files.is_empty() {
+        c.old_master_key_files = f.old_master_key_files;
     }
     if f.tls_dir.is_some() {
         c.tls_dir = f.tls_dir;

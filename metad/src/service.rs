@@ -120,6 +120,121 @@ macro_rules! handle {
 }
 
 impl MetadService {
+    fn crl_number(&self) -> Result<u64, Status> {
+        Ok(self
+            .get(tables::CRL_NUMBER)?
+            .and_then(|v| <[u8; 8]>::try_from(v).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0))
+    }
+
+    /// A wrapped record of table `prefix` sealed again under the current master key, or
+    /// `None` when it already is.
+    fn rewrap(&self, prefix: &[u8], raw: &[u8], current: &str) -> Result<Option<Vec<u8>>, Status> {
+        if prefix == tables::AKEY_PREFIX {
+            let mut rec: AccessKeyRecord =
+                serde_json::from_slice(raw).map_err(|e| internal("unreadable access key", e))?;
+            let aad = access_key_aad(&rec.access_key_id);
+            let (plain, kid) =
+                unseal_kid(&self.core, &aad, &rec.sealed_secret, &rec.sealed_blake3)?;
+            if kid == current && rec.master_kid == current {
+                return Ok(None);
+            }
+            (rec.sealed_secret, rec.sealed_blake3, rec.master_kid) =
+                seal_current(&self.core, &aad, &plain)?;
+            serde_json::to_vec(&rec)
+                .map(Some)
+                .map_err(|e| internal("encode", e))
+        } else {
+            let mut rec: DataKeyRecord =
+                serde_json::from_slice(raw).map_err(|e| internal("unreadable data key", e))?;
+            let aad = data_key_aad(&rec.id);
+            let (plain, kid) = unseal_kid(&self.core, &aad, &rec.wrapped, &rec.wrapped_blake3)?;
+            if kid == current && rec.master_kid == current {
+                return Ok(None);
+            }
+            (rec.wrapped, rec.wrapped_blake3, rec.master_kid) =
+                seal_current(&self.core, &aad, &plain)?;
+            serde_json::to_vec(&rec)
+                .map(Some)
+                .map_err(|e| internal("encode", e))
+        }
+    }
+
+    /// The master keys of every member (asked through their Status) and the wrapped records
+    /// by the key that opens them.
+    async fn master_status(&self, rewrapped: u64) -> Result<MasterKeyStatusResponse, Status> {
+        let current = Core::kid(self.core.master()?);
+        let mut by_kid: std::collections::HashMap<String, u64> = Default::default();
+        for (prefix, aad_of) in [
+            (tables::AKEY_PREFIX, access_key_aad as fn(&str) -> Vec<u8>),
+            (tables::DKEY_PREFIX, data_key_aad),
+        ] {
+            for (_, raw) in self.scan(prefix)? {
+                let (id, sealed, sum) = if prefix == tables::AKEY_PREFIX {
+                    let r: AccessKeyRecord = serde_json::from_slice(&raw)
+                        .map_err(|e| internal("unreadable access key", e))?;
+                    (r.access_key_id, r.sealed_secret, r.sealed_blake3)
+                } else {
+                    let r: DataKeyRecord = serde_json::from_slice(&raw)
+                        .map_err(|e| internal("unreadable data key", e))?;
+                    (r.id, r.wrapped, r.wrapped_blake3)
+                };
+                let kid = unseal_kid(&self.core, &aad_of(&id), &sealed, &sum)
+                    .map(|(_, k)| k)
+                    .unwrap_or_else(|_| "unknown".into());
+                *by_kid.entry(kid).or_default() += 1;
+            }
+        }
+        let membership: Vec<(u64, String)> = {
+            let m = self.core.raft.metrics();
+            let m = m.borrow();
+            m.membership_config
+                .membership()
+                .nodes()
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect()
+        };
+        let mut members = Vec::new();
+        for (id, addr) in membership {
+            if id == self.core.id {
+                members.push(MemberMasterKeys {
+                    id,
+                    current_kid: current.clone(),
+                    held_kids: self.core.masters().map(Core::kid).collect(),
+                    error: String::new(),
+                });
+                continue;
+            }
+            let asked = async {
+                let mut c = crate::client::MetaClient::new(std::slice::from_ref(&addr))?.first();
+                let mut req = Request::new(StatusRequest {});
+                req.set_timeout(Duration::from_secs(3));
+                c.status(req).await.map(|r| r.into_inner())
+            }
+            .await;
+            members.push(match asked {
+                Ok(s) => MemberMasterKeys {
+                    id,
+                    current_kid: s.master_kid,
+                    held_kids: s.held_master_kids,
+                    error: String::new(),
+                },
+                Err(e) => MemberMasterKeys {
+                    id,
+                    error: e.message().to_string(),
+                    ..Default::default()
+                },
+            });
+        }
+        Ok(MasterKeyStatusResponse {
+            current_kid: current,
+            records_by_kid: by_kid,
+            members,
+            rewrapped,
+        })
+    }
+
     /// Appends a record to the audit log (on the leader, where the call ran). A record that
     /// cannot be written is logged and counted; the call's answer stands.
     pub(crate) async fn audit(&self, rec: sov_proto::metad::AuditRecord) {
@@ -373,17 +488,42 @@ fn sealed_parts(s: &codec::SealedChunk) -> (String, String) {
 }
 
 fn unseal(core: &Core, aad: &[u8], sealed: &str, blake3_hex: &str) -> Result<Vec<u8>, Status> {
-    let master = core.master()?;
+    unseal_kid(core, aad, sealed, blake3_hex).map(|(v, _)| v)
+}
+
+/// Opens a value sealed under a master key: tries the current key, then the earlier ones
+/// (AES-GCM refuses a wrong key); also returns the id of the key that opened it.
+fn unseal_kid(
+    core: &Core,
+    aad: &[u8],
+    sealed: &str,
+    blake3_hex: &str,
+) -> Result<(Vec<u8>, String), Status> {
+    core.master()?;
     let bytes = hex::decode(sealed).map_err(|e| internal("sealed value is not hex", e))?;
     let sum: [u8; 32] = hex::decode(blake3_hex)
         .ok()
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| Status::internal("sealed value has a bad checksum field"))?;
-    codec::open(master, aad, &bytes, &sum).map_err(|e| {
-        Status::internal(format!(
-            "cannot unseal with this master key ({e}): was the key file changed?"
-        ))
-    })
+    let mut last = None;
+    for k in core.masters() {
+        match codec::open(k, aad, &bytes, &sum) {
+            Ok(v) => return Ok((v, Core::kid(k))),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(Status::failed_precondition(format!(
+        "no master key this member holds opens it ({}): give the key it was sealed with as \
+         --old-master-key-file",
+        last.map(|e| e.to_string()).unwrap_or_default()
+    )))
+}
+
+/// Seals `plain` under the current master key; (sealed hex, blake3 hex, key id).
+fn seal_current(core: &Core, aad: &[u8], plain: &[u8]) -> Result<(String, String, String), Status> {
+    let master = core.master()?;
+    let (s, b) = sealed_parts(&codec::seal(master, aad, plain));
+    Ok((s, b, Core::kid(master)))
 }
 
 fn access_key_aad(id: &str) -> Vec<u8> {
@@ -431,6 +571,8 @@ impl Metad for MetadService {
                 nodes_down: count("down"),
                 nodes_out: count("out"),
                 pools: map.pools.len() as u32,
+                master_kid: self.core.master.as_ref().map(Core::kid).unwrap_or_default(),
+                held_master_kids: self.core.masters().map(Core::kid).collect(),
             })
         })();
         self.observe("Status", start, r)
@@ -839,6 +981,48 @@ impl Metad for MetadService {
         )
     }
 
+    async fn rotate_bucket_key(
+        &self,
+        req: Request<RotateBucketKeyRequest>,
+    ) -> Result<Response<Bucket>, Status> {
+        handle!(
+            self,
+            req,
+            "RotateBucketKey",
+            rotate_bucket_key,
+            local_ok = false,
+            audit = format!("bucket {}", req.get_ref().name),
+            {
+                let name = req.into_inner().name;
+                tables::validate_bucket_name(&name).map_err(Status::invalid_argument)?;
+                self.read_barrier(Consistency::Linearizable as i32).await?;
+                let key = tables::bucket_key(&name);
+                let Some(raw) = self.get(&key)? else {
+                    return Err(Status::not_found(format!("no such bucket: {name}")));
+                };
+                let mut b: Bucket = decode("bucket", &raw)?;
+                let (id, _, dkey) = self.new_data_key(&format!("bucket:{name}"))?;
+                b.data_key_id = id.clone();
+                let ops = vec![
+                    Op::Put {
+                        key: key.clone(),
+                        value: b.encode_to_vec(),
+                    },
+                    Op::Put {
+                        key: tables::dkey_key(&id),
+                        value: dkey,
+                    },
+                ];
+                match self.txn(vec![(key, Check::Equals(raw))], ops).await? {
+                    None => Ok(b),
+                    Some(_) => Err(Status::aborted(format!(
+                        "bucket {name} changed meanwhile; try again"
+                    ))),
+                }
+            }
+        )
+    }
+
     async fn get_bucket(&self, req: Request<GetBucketRequest>) -> Result<Response<Bucket>, Status> {
         let local = stale(req.get_ref().consistency);
         handle!(self, req, "GetBucket", get_bucket, local_ok = local, {
@@ -1225,6 +1409,7 @@ impl Metad for MetadService {
                     sealed_secret,
                     sealed_blake3,
                     admin,
+                    master_kid: Core::kid(master),
                 };
                 let value = serde_json::to_vec(&rec).map_err(|e| internal("encode", e))?;
                 let failed = self
@@ -1630,6 +1815,84 @@ impl Metad for MetadService {
         )
     }
 
+    async fn publish_crl(
+        &self,
+        req: Request<PublishCrlRequest>,
+    ) -> Result<Response<CrlResponse>, Status> {
+        handle!(
+            self,
+            req,
+            "PublishCrl",
+            publish_crl,
+            local_ok = false,
+            audit = format!("CRL number {}", req.get_ref().number),
+            {
+                let r = req.into_inner();
+                if let sov_common::tls::Transport::Tls(ctx) = sov_common::tls::transport() {
+                    ctx.check_crl(&r.der)
+                        .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+                }
+                let current = self.crl_number()?;
+                if r.number <= current {
+                    return Err(Status::failed_precondition(format!(
+                        "CRL number {} is not above the published one ({current})",
+                        r.number
+                    )));
+                }
+                let cur = self.get(tables::CRL_NUMBER)?;
+                let check = match cur {
+                    Some(v) => Check::Equals(v),
+                    None => Check::Absent,
+                };
+                let ops = vec![
+                    Op::Put {
+                        key: tables::CRL.to_vec(),
+                        value: r.der.to_vec(),
+                    },
+                    Op::Put {
+                        key: tables::CRL_NUMBER.to_vec(),
+                        value: r.number.to_be_bytes().to_vec(),
+                    },
+                ];
+                match self
+                    .txn(vec![(tables::CRL_NUMBER.to_vec(), check)], ops)
+                    .await?
+                {
+                    None => Ok(CrlResponse {
+                        der: r.der,
+                        number: r.number,
+                    }),
+                    Some(_) => Err(Status::aborted("another CRL was published meanwhile")),
+                }
+            }
+        )
+    }
+
+    async fn get_crl(&self, req: Request<GetCrlRequest>) -> Result<Response<CrlResponse>, Status> {
+        // Any member's copy will do: the next poll catches up.
+        handle!(self, req, "GetCrl", get_crl, local_ok = true, {
+            Ok(CrlResponse {
+                der: self.get(tables::CRL)?.unwrap_or_default().into(),
+                number: self.crl_number()?,
+            })
+        })
+    }
+
+    async fn rotate_volume_key(
+        &self,
+        req: Request<RotateVolumeKeyRequest>,
+    ) -> Result<Response<Volume>, Status> {
+        handle!(
+            self,
+            req,
+            "RotateVolumeKey",
+            rotate_volume_key,
+            local_ok = false,
+            audit = format!("volume {}", req.get_ref().name),
+            MetadService::rotate_volume_key(self, &req.into_inner().name).await
+        )
+    }
+
     async fn create_snapshot(
         &self,
         req: Request<CreateSnapshotRequest>,
@@ -1770,6 +2033,86 @@ impl Metad for MetadService {
         })
     }
 
+    async fn master_key_status(
+        &self,
+        req: Request<MasterKeyStatusRequest>,
+    ) -> Result<Response<MasterKeyStatusResponse>, Status> {
+        handle!(
+            self,
+            req,
+            "MasterKeyStatus",
+            master_key_status,
+            local_ok = false,
+            {
+                self.read_barrier(Consistency::Linearizable as i32).await?;
+                self.master_status(0).await
+            }
+        )
+    }
+
+    async fn rotate_master_key(
+        &self,
+        req: Request<RotateMasterKeyRequest>,
+    ) -> Result<Response<MasterKeyStatusResponse>, Status> {
+        handle!(
+            self,
+            req,
+            "RotateMasterKey",
+            rotate_master_key,
+            local_ok = false,
+            audit = "every wrapped data key and access key secret".to_string(),
+            {
+                let current = Core::kid(self.core.master()?);
+                // Every member must already open and seal with the new key, or a member
+                // that leads later could not unwrap what this one re-wraps.
+                let before = self.master_status(0).await?;
+                for m in &before.members {
+                    if m.current_kid != current {
+                        return Err(Status::failed_precondition(format!(
+                            "member {} runs with master key {:?}, not {current}{}: restart it \
+                             with --master-key-file NEW --old-master-key-file OLD first",
+                            m.id,
+                            m.current_kid,
+                            if m.error.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" ({})", m.error)
+                            }
+                        )));
+                    }
+                }
+                let mut rewrapped = 0;
+                for prefix in [tables::AKEY_PREFIX, tables::DKEY_PREFIX] {
+                    for page in self.scan(prefix)?.chunks(256) {
+                        let mut cmds = Vec::new();
+                        for (k, raw) in page {
+                            if let Some(new) = self.rewrap(prefix, raw, &current)? {
+                                cmds.push(Command::Txn {
+                                    checks: vec![(k.clone(), Check::Equals(raw.clone()))],
+                                    ops: vec![Op::Put {
+                                        key: k.clone(),
+                                        value: new,
+                                    }],
+                                });
+                            }
+                        }
+                        if cmds.is_empty() {
+                            continue;
+                        }
+                        let results = self.core.propose(cmds).await?;
+                        rewrapped += results
+                            .iter()
+                            .filter(|r| matches!(r, CommandResult::Done))
+                            .count() as u64;
+                    }
+                }
+                let mut after = self.master_status(rewrapped).await?;
+                after.rewrapped = rewrapped;
+                Ok(after)
+            }
+        )
+    }
+
     async fn list_tombstones(
         &self,
         req: Request<ListTombstonesRequest>,
@@ -1879,6 +2222,7 @@ impl MetadService {
             created_unix_ms: unix_ms(),
             wrapped,
             wrapped_blake3,
+            master_kid: Core::kid(master),
         };
         let value = serde_json::to_vec(&rec).map_err(|e| internal("encode", e))?;
         Ok((id, key, value))
@@ -2169,5 +2513,26 @@ pub async fn audit_refusals(
                 tracing::error!(%path, principal = %origin.principal, "audit record of a refused call not written: {}", e.message());
             }
         }
+    }
+}
+
+/// Keeps this member's TLS folder holding the published CRL (checked every 2 s): a revocation
+/// reaches metad's own listener and its connections to the other members.
+pub async fn install_published_crls(core: Arc<Core>, ctx: Arc<sov_common::tls::TlsContext>) {
+    let mut last = None;
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let Ok(Some(der)) = core.sm.get(tables::CRL) else {
+            continue;
+        };
+        if last.as_ref() == Some(&der) {
+            continue;
+        }
+        match ctx.install_crl(&der) {
+            Ok(true) => tracing::info!("installed the published CRL"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("the published CRL was not installed: {e:#}"),
+        }
+        last = Some(der);
     }
 }

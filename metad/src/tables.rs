@@ -307,6 +307,10 @@ pub fn list_objects(
     Ok(out)
 }
 
+/// The published CRL (DER) and its number (8 bytes, big-endian).
+pub const CRL: &[u8] = b"tls/crl";
+pub const CRL_NUMBER: &[u8] = b"tls/crl_number";
+
 /// An access key as stored: the secret sealed under the master key, bound to the key id.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AccessKeyRecord {
@@ -321,6 +325,10 @@ pub struct AccessKeyRecord {
     /// May do anything to any bucket.
     #[serde(default)]
     pub admin: bool,
+    /// The master key that seals the secret (`Core::kid`); empty in records from before
+    /// key ids, which any held key is tried on.
+    #[serde(default)]
+    pub master_kid: String,
 }
 
 /// A data key as stored: wrapped (sealed) under the master key, bound to its id.
@@ -332,6 +340,9 @@ pub struct DataKeyRecord {
     pub created_unix_ms: u64,
     pub wrapped: String,
     pub wrapped_blake3: String,
+    /// The master key that wraps it (see `AccessKeyRecord::master_kid`).
+    #[serde(default)]
+    pub master_kid: String,
 }
 
 #[cfg(test)]

@@ -371,6 +371,48 @@ impl MetadService {
         .await
     }
 
+    /// A new data key for the volume's sectors from its next lease epoch on; the current
+    /// holder (if any) keeps the old key for its epoch.
+    pub(crate) async fn rotate_volume_key(&self, name: &str) -> Result<Volume, Status> {
+        tables::validate_name("volume name", name).map_err(Status::invalid_argument)?;
+        self.core.linearize().await?;
+        for _ in 0..RMW_TRIES {
+            let (raw, mut v) = self
+                .read_volume(name)?
+                .ok_or_else(|| no_such_volume(name))?;
+            let (key_id, _, dkey) = self.new_data_key(&format!("volume:{name}"))?;
+            let from = v.lease.as_ref().map(|l| l.epoch).unwrap_or(0) + 1;
+            let old = VolumeKey {
+                data_key_id: std::mem::replace(&mut v.data_key_id, key_id.clone()),
+                from_epoch: v.key_from_epoch,
+            };
+            v.older_keys.push(old);
+            v.key_from_epoch = from;
+            let key = tables::volume_key(name);
+            let failed = self
+                .txn(
+                    vec![(key.clone(), Check::Equals(raw))],
+                    vec![
+                        Op::Put {
+                            key,
+                            value: v.encode_to_vec(),
+                        },
+                        Op::Put {
+                            key: tables::dkey_key(&key_id),
+                            value: dkey,
+                        },
+                    ],
+                )
+                .await?;
+            if failed.is_none() {
+                return Ok(v);
+            }
+        }
+        Err(Status::aborted(format!(
+            "volume {name} kept changing; retry"
+        )))
+    }
+
     pub(crate) async fn create_snapshot(&self, r: CreateSnapshotRequest) -> Result<Volume, Status> {
         tables::validate_name("snapshot name", &r.name).map_err(Status::invalid_argument)?;
         self.update_volume(&r.volume, |v| {

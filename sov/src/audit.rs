@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use prost::Message;
 use sov_proto::metad as pb;
 
 use crate::cluster::{MetadArgs, status_err};
@@ -81,31 +80,10 @@ fn json(r: &pb::AuditRecord) -> serde_json::Value {
     })
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` from unix seconds (civil date from days, no time crate needed).
+/// `YYYY-MM-DDTHH:MM:SSZ` from unix seconds.
 fn format_time(secs: u64) -> String {
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// The chain hash of a record, as metad computes it: blake3 of its encoding without `hash`.
-fn chain_hash(r: &pb::AuditRecord) -> String {
-    let mut r = r.clone();
-    r.hash.clear();
-    blake3::hash(&r.encode_to_vec()).to_hex().to_string()
+    let (y, m, d, hh, mm, ss) = sov_common::units::civil_utc(secs);
+    format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z")
 }
 
 pub async fn run(a: AuditArgs, out: Output) -> Result<(), CliError> {
@@ -116,7 +94,10 @@ pub async fn run(a: AuditArgs, out: Output) -> Result<(), CliError> {
             loop {
                 let p = page(&mc, since, 1000).await?;
                 for r in &p.records {
-                    if r.seq != since || r.prev_hash != prev || chain_hash(r) != r.hash {
+                    if r.seq != since
+                        || r.prev_hash != prev
+                        || sov_client::audit::chain_hash(r) != r.hash
+                    {
                         return Err(CliError::new(
                             3,
                             format!("audit log broken at record {since} (found {})", r.seq),

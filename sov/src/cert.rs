@@ -73,6 +73,10 @@ pub enum CertCmd {
         /// A TLS directory to copy the new CRL into; repeat for more.
         #[arg(long = "push")]
         push: Vec<PathBuf>,
+        /// Publish the CRL in metad (members `host:port,...`), from where every daemon of the
+        /// cluster fetches it within seconds; needs the operator's TLS folder (`--tls-dir`).
+        #[arg(long, env = "SOV_METAD")]
+        metad: Option<String>,
     },
 }
 
@@ -175,12 +179,31 @@ pub async fn run(cmd: CertCmd, out: Output) -> Result<(), CliError> {
             }
             print_issued(out, &id, &serial, &dir);
         }
-        CertCmd::Revoke { ca, serial, push } => {
+        CertCmd::Revoke {
+            ca,
+            serial,
+            push,
+            metad,
+        } => {
             let ca = Ca::open(&ca.ca).map_err(err)?;
             ca.revoke_hex(&serial.to_ascii_lowercase())
                 .map_err(|e| CliError::new(2, format!("{e:#}")))?;
             for d in &push {
                 ca.copy_crl_into(d).map_err(err)?;
+            }
+            if let Some(m) = metad {
+                let mc = sov_client::meta::MetaClient::new(&sov_client::meta::parse_addrs(&m))
+                    .map_err(crate::cluster::status_err)?;
+                let req = sov_proto::metad::PublishCrlRequest {
+                    der: ca.crl_der().map_err(err)?.into(),
+                    number: ca.crl_number().map_err(err)?,
+                };
+                mc.call(|mut c| {
+                    let req = req.clone();
+                    async move { c.publish_crl(req).await }
+                })
+                .await
+                .map_err(crate::cluster::status_err)?;
             }
             match out {
                 Output::Json => println!(

@@ -7,6 +7,7 @@ mod audit;
 mod cert;
 mod chunk;
 mod cluster;
+mod masterkey;
 mod object;
 mod up;
 mod volume;
@@ -89,6 +90,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: object::RepairCmd,
     },
+    /// The master key: status, and re-wrapping every secret under the current one.
+    MasterKey {
+        #[command(subcommand)]
+        cmd: masterkey::MasterKeyCmd,
+    },
     /// metad's audit log: every admin action and refused call; `verify` checks its chain.
     Audit(audit::AuditArgs),
     /// The cluster CA: issue, list, rotate and revoke node and operator certificates.
@@ -169,11 +175,16 @@ fn main() -> ExitCode {
         .build()
         .expect("starting the tokio runtime");
     let out = cli.output;
-    if !matches!(cli.cmd, Cmd::Up(_) | Cmd::Cert { .. })
-        && let Err(e) = client_transport(cli.tls_dir.as_deref(), cli.insecure_plaintext)
-    {
-        eprintln!("sov: {}", e.message);
-        return ExitCode::from(e.code);
+    match (
+        &cli.cmd,
+        client_transport(cli.tls_dir.as_deref(), cli.insecure_plaintext),
+    ) {
+        // `sov up` makes its own; `sov cert` needs one only to publish a CRL.
+        (Cmd::Up(_) | Cmd::Cert { .. }, _) | (_, Ok(())) => {}
+        (_, Err(e)) => {
+            eprintln!("sov: {}", e.message);
+            return ExitCode::from(e.code);
+        }
     }
     let r = rt.block_on(async move {
         match cli.cmd {
@@ -189,6 +200,7 @@ fn main() -> ExitCode {
             Cmd::Repair { cmd } => object::run_repair(cmd, out).await,
             Cmd::Cert { cmd } => cert::run(cmd, out).await,
             Cmd::Audit(a) => audit::run(a, out).await,
+            Cmd::MasterKey { cmd } => masterkey::run(cmd, out).await,
             Cmd::Debug { cmd } => match cmd {
                 DebugCmd::Chunk { cmd } => chunk::run(cmd, out).await,
                 DebugCmd::NodeInfo(a) => chunk::node_info(a, out).await,

@@ -32,6 +32,14 @@ pub enum BucketCmd {
     /// List buckets.
     List(MetadArgs),
     /// Delete an empty bucket.
+    /// Give the bucket a new data key for objects written from now on (older objects keep
+    /// theirs).
+    RotateKey {
+        #[command(flatten)]
+        metad: MetadArgs,
+        /// Bucket name.
+        name: String,
+    },
     Delete {
         #[command(flatten)]
         metad: MetadArgs,
@@ -191,6 +199,25 @@ pub async fn run_bucket(cmd: BucketCmd, out: Output) -> Result<(), CliError> {
                 out,
                 json!({"buckets": r.buckets.iter().map(|b| json!({"name": b.name, "pool": b.pool, "owner": b.owner})).collect::<Vec<_>>()}),
                 table(&["NAME", "POOL", "OWNER"], &rows),
+            );
+        }
+        BucketCmd::RotateKey { metad, name } => {
+            let mc = metad.client()?;
+            let req = pb::RotateBucketKeyRequest { name: name.clone() };
+            let b = mc
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.rotate_bucket_key(req).await }
+                })
+                .await
+                .map_err(status_err)?;
+            print(
+                out,
+                json!({"bucket": name, "data_key_id": b.data_key_id}),
+                format!(
+                    "bucket {name} now seals new objects with data key {}",
+                    b.data_key_id
+                ),
             );
         }
         BucketCmd::Delete { metad, name } => {

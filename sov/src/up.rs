@@ -247,20 +247,7 @@ async fn start_daemon(
 
 /// Writes a file readable by its owner only (it holds credentials).
 fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<(), CliError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| CliError::new(1, format!("cannot create {}: {e}", tmp.display())))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|e| CliError::new(1, format!("cannot write {}: {e}", path.display())))
+    sov_common::tls::write_private(path, bytes).map_err(|e| CliError::new(1, format!("{e:#}")))
 }
 
 /// Erasure-coded profile for `n` storage nodes: 4+2 from six nodes, 2+1 from three, else
@@ -570,7 +557,7 @@ pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
     let vb_tls = tls_dir_for(
         &ca,
         (Role::VhostBlk, Some("zone-1"), "vhost-blk-1"),
-        &[],
+        &["localhost", "127.0.0.1"],
         &data.join("vhost-blk-1"),
     )?;
     start_daemon(
@@ -618,7 +605,14 @@ pub async fn run(a: UpArgs, out: Output) -> Result<(), CliError> {
         &serde_json::to_vec_pretty(&cluster).expect("plain JSON"),
     )?;
     match out {
-        Output::Json => println!("{cluster}"),
+        Output::Json => {
+            // The secret is shown once, when it is made; it stays in cluster.json (0600).
+            let mut shown = cluster.clone();
+            if !fresh_key {
+                shown["secret_key"] = serde_json::json!(format!("(in {})", path.display()));
+            }
+            println!("{shown}")
+        }
         Output::Text => {
             println!(
                 "sov cluster up ({} metad, {} storage nodes, 1 S3 gateway, 1 vhost-blk); state in {}",

@@ -59,6 +59,13 @@ pub enum VolumeCmd {
         name: String,
     },
     /// Grow a volume (online when attached).
+    /// Give the volume a new data key for sectors written from its next attachment on
+    /// (older sectors keep theirs).
+    RotateKey {
+        #[command(flatten)]
+        metad: MetadArgs,
+        name: String,
+    },
     Resize {
         #[command(flatten)]
         metad: MetadArgs,
@@ -273,6 +280,21 @@ pub async fn run(cmd: VolumeCmd, out: Output) -> Result<(), CliError> {
                 out,
                 json!({"deleted": name}),
                 format!("deleted volume {name}"),
+            );
+        }
+        VolumeCmd::RotateKey { metad, name } => {
+            let mc = metad.client()?;
+            let v = call!(mc, rotate_volume_key, pb::RotateVolumeKeyRequest { name })?;
+            print(
+                out,
+                serde_json::json!({
+                    "volume": v.name, "data_key_id": v.data_key_id,
+                    "from_epoch": v.key_from_epoch, "older_keys": v.older_keys.len(),
+                }),
+                format!(
+                    "volume {} seals sectors with data key {} from lease epoch {} (its next attachment)",
+                    v.name, v.data_key_id, v.key_from_epoch
+                ),
             );
         }
         VolumeCmd::Resize { metad, name, size } => {

@@ -177,6 +177,7 @@ pub async fn run(
         sov_proto::storaged::RecoveryInfo::default(),
     ));
     let mut cluster = None;
+    let mut crl_task = None;
     if !cfg.metad.is_empty() {
         if cfg.advertise.is_none() && grpc_addr.ip().is_unspecified() {
             anyhow::bail!("listening on {grpc_addr}, which metad cannot hand out: set --advertise");
@@ -191,6 +192,9 @@ pub async fn run(
             zone: cfg.zone.clone(),
         };
         let meta = registration::client(&cfg.metad)?;
+        crl_task = Some(tokio::spawn(sov_client::meta::keep_crl_current(
+            meta.clone(),
+        )));
         let c = cluster::Cluster::new(ident.node_id.clone(), meta, metrics.clone());
         tasks.spawn(registration::run(
             c.clone(),
@@ -294,6 +298,9 @@ pub async fn run(
         Err(_) => tracing::warn!("drain timeout passed with requests still in flight"),
     }
     workers_stop.trigger();
+    if let Some(t) = crl_task {
+        t.abort();
+    }
     while tasks.join_next().await.is_some() {}
     let _ = metrics_server.await;
     tokio::task::spawn_blocking(move || store.close()).await?;

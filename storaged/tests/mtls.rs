@@ -106,3 +106,21 @@ async fn storaged_refuses_peers_without_a_valid_certificate_of_an_allowed_role()
         .await
         .expect("the operator is still served");
 }
+
+#[test]
+fn storaged_refuses_to_start_with_a_key_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TestDir::new("storaged-open-key");
+    let disk = dir.path().join("disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    let tls = pki()
+        .issue(Role::Storaged, None, "open-key", &dir.path().join("tls"))
+        .unwrap();
+    std::fs::set_permissions(tls.join("key.pem"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let tls = tls.display().to_string();
+    let e = match Storaged::start(&dir.path().join("s"), &[disk], &["--tls-dir", &tls]) {
+        Ok(_) => panic!("storaged started with a world-readable key"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(e.contains("group or others"), "{e}");
+}

@@ -266,8 +266,12 @@ impl Pki {
         {
             return Ok(dir.to_path_buf());
         }
-        self.ca
-            .issue_into(&sov_common::pki::CertRequest::node(id), dir)?;
+        // Loopback names too, for clients that check the host they dialled (NBD over TLS).
+        let req = sov_common::pki::CertRequest {
+            extra_names: vec!["localhost".into(), "127.0.0.1".into()],
+            ..sov_common::pki::CertRequest::node(id)
+        };
+        self.ca.issue_into(&req, dir)?;
         Ok(dir.to_path_buf())
     }
 }
@@ -647,9 +651,16 @@ impl Metad {
 
     /// Starts it again on the same address and data (after a kill).
     pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.restart_with(&[])
+    }
+
+    /// Like [`Metad::restart`], with `extra` flags for this start only (later flags win).
+    pub fn restart_with(&mut self, extra: &[&str]) -> anyhow::Result<()> {
         self.proc.kill9();
         self.starts += 1;
-        let (proc, ready) = Self::launch(&self.work, &self.args, self.starts)?;
+        let mut args = self.args.clone();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let (proc, ready) = Self::launch(&self.work, &args, self.starts)?;
         self.proc = proc;
         self.ready = ready;
         Ok(())

@@ -50,6 +50,8 @@ pub struct Config {
     /// How often metad is asked for attachment changes.
     pub poll: Duration,
     pub vhost_queues: usize,
+    /// STARTTLS on the NBD listener, and whether it is required.
+    pub nbd_tls: Option<nbd::NbdTls>,
 }
 
 /// The binary's TOML config file: the keys of its flags, with underscores, each optional
@@ -407,6 +409,7 @@ pub async fn run(
     std::fs::create_dir_all(&cfg.data)
         .with_context(|| format!("creating {}", cfg.data.display()))?;
     let client = Client::new(&cfg.metad, ClientConfig::default())?;
+    let crl_task = tokio::spawn(sov_client::meta::keep_crl_current(client.meta().clone()));
     let metrics = Metrics::new();
     let nbd_addr = nbd.local_addr()?;
     let metrics_addr = metrics_listener.local_addr()?;
@@ -417,7 +420,11 @@ pub async fn run(
         nbd_addr,
         attached: Mutex::new(HashMap::new()),
     });
-    let server = Arc::new(nbd::NbdServer::new(exporter.clone()));
+    let mut server = nbd::NbdServer::new(exporter.clone());
+    if let Some(t) = cfg.nbd_tls.clone() {
+        server = server.with_tls(t);
+    }
+    let server = Arc::new(server);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut rx = stop_rx.clone();
     let nbd_task = tokio::spawn(server.serve_tcp(nbd, async move {
@@ -459,6 +466,7 @@ pub async fn run(
             tracing::warn!(volume = %n, error = %format!("{e:#}"), "closing failed");
         }
     }
+    crl_task.abort();
     let _ = metrics_task.await;
     tracing::info!("vhost-blk stopped");
     Ok(())

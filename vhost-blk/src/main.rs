@@ -42,6 +42,11 @@ struct Flags {
     /// No TLS to metad and storage nodes (only when every metad address is loopback).
     #[arg(long)]
     insecure_plaintext: bool,
+    /// NBD over TLS (STARTTLS with this exporter's certificate, clients need one from the
+    /// cluster CA): `required`, `optional` or `off`. Default: required unless --listen is
+    /// loopback (then optional with --tls-dir, else off). `off` is refused off loopback.
+    #[arg(long)]
+    nbd_tls: Option<String>,
     /// Write {id, listen, metrics_listen, pid} as JSON here once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -77,7 +82,43 @@ fn settings(f: &Flags) -> anyhow::Result<Settings> {
         sov_common::tls::Role::VhostBlk,
         &addrs,
     )?;
-    sov_common::tls::install(transport);
+    sov_common::tls::install(transport.clone());
+    let listen = f
+        .listen
+        .clone()
+        .or(file.listen.clone())
+        .unwrap_or_else(|| "127.0.0.1:10809".into());
+    let loopback = sov_common::tls::is_loopback(&listen);
+    let ctx = match &transport {
+        sov_common::tls::Transport::Tls(c) => Some(c.clone()),
+        sov_common::tls::Transport::Plain => None,
+    };
+    use vhost_blk::nbd::TlsMode;
+    let mode = match (f.nbd_tls.as_deref(), &ctx, loopback) {
+        (Some("off"), _, false) => {
+            anyhow::bail!(
+                "--nbd-tls off is only allowed when --listen is loopback ({listen} is not)"
+            )
+        }
+        (Some("off"), _, true) | (None, None, true) => None,
+        (Some("required") | None, Some(_), false) | (Some("required"), Some(_), true) => {
+            Some(TlsMode::Required)
+        }
+        (Some("optional"), Some(_), _) | (None, Some(_), true) => Some(TlsMode::Optional),
+        (Some("required" | "optional"), None, _) | (None, None, false) => {
+            anyhow::bail!("NBD over TLS needs --tls-dir")
+        }
+        (Some(other), _, _) => {
+            anyhow::bail!("--nbd-tls {other}: use required, optional or off")
+        }
+    };
+    let nbd_tls = match (mode, ctx) {
+        (Some(mode), Some(ctx)) => Some(vhost_blk::nbd::NbdTls {
+            config: std::sync::Arc::new(move || ctx.block_server_config()),
+            mode,
+        }),
+        _ => None,
+    };
     let ttl = f.lease_ttl_ms.or(file.lease_ttl_ms).unwrap_or(10_000);
     if ttl < 300 {
         anyhow::bail!("lease_ttl_ms must be at least 300, got {ttl}");
@@ -102,12 +143,9 @@ fn settings(f: &Flags) -> anyhow::Result<Settings> {
             lease_ttl: Duration::from_millis(ttl),
             poll: Duration::from_millis(200),
             vhost_queues: queues,
+            nbd_tls,
         },
-        listen: f
-            .listen
-            .clone()
-            .or(file.listen)
-            .unwrap_or_else(|| "127.0.0.1:10809".into()),
+        listen,
         metrics_listen: f
             .metrics_listen
             .clone()

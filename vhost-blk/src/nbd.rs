@@ -3,13 +3,19 @@
 //!
 //! Protocol reference: <https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md>.
 //!
+//! TLS (`NBD_OPT_STARTTLS`, rustls) when configured with [`NbdServer::with_tls`]: in
+//! `Required` mode every option but STARTTLS and ABORT gets `NBD_REP_ERR_TLS_REQD` until the
+//! client upgraded, so no export name or data crosses the network in clear.
+//!
 //! Each connection runs a reader loop (parses requests in order, reads WRITE payloads, spawns
 //! one task per request) and a writer task that serializes replies from an mpsc channel.
 //! The number of in-flight requests and the bytes they hold are bounded by semaphores whose
 //! permits are released only once the reply has been written.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -51,6 +57,7 @@ const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 const OPT_EXPORT_NAME: u32 = 1;
 const OPT_ABORT: u32 = 2;
 const OPT_LIST: u32 = 3;
+const OPT_STARTTLS: u32 = 5;
 const OPT_INFO: u32 = 6;
 const OPT_GO: u32 = 7;
 const OPT_STRUCTURED_REPLY: u32 = 8;
@@ -64,6 +71,7 @@ const REP_INFO: u32 = 3;
 const REP_META_CONTEXT: u32 = 4;
 const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
 
@@ -141,6 +149,92 @@ pub struct NbdServer<E: Exports> {
     max_in_flight: usize,
     max_in_flight_bytes: usize,
     handshake_timeout: Duration,
+    tls: Option<NbdTls>,
+}
+
+/// The current TLS configuration (a new one after a certificate or CRL change).
+pub type TlsSource = Arc<dyn Fn() -> Arc<rustls::ServerConfig> + Send + Sync>;
+
+/// STARTTLS for the NBD listener.
+#[derive(Clone)]
+pub struct NbdTls {
+    pub config: TlsSource,
+    pub mode: TlsMode,
+}
+
+impl std::fmt::Debug for NbdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdTls").field("mode", &self.mode).finish()
+    }
+}
+
+/// Whether clients may stay in clear.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    /// STARTTLS offered; clients may also go on without it.
+    Optional,
+    /// Nothing but STARTTLS (or ABORT) until the client upgraded.
+    Required,
+}
+
+/// A connection before or after STARTTLS.
+pub enum MaybeTls<S> {
+    Plain(S),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>),
+    /// Only while the upgrade runs.
+    Upgrading,
+}
+
+impl<S> MaybeTls<S> {
+    fn is_tls(&self) -> bool {
+        matches!(self, MaybeTls::Tls(_))
+    }
+}
+
+fn upgrading() -> std::io::Error {
+    std::io::Error::other("connection in the middle of a TLS upgrade")
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for MaybeTls<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+            MaybeTls::Upgrading => Poll::Ready(Err(upgrading())),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+            MaybeTls::Upgrading => Poll::Ready(Err(upgrading())),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
+            MaybeTls::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+            MaybeTls::Upgrading => Poll::Ready(Err(upgrading())),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            MaybeTls::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+            MaybeTls::Upgrading => Poll::Ready(Err(upgrading())),
+        }
+    }
 }
 
 impl<E: Exports> NbdServer<E> {
@@ -152,7 +246,14 @@ impl<E: Exports> NbdServer<E> {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            tls: None,
         }
+    }
+
+    /// Offers STARTTLS with this configuration, optionally or as the only way in.
+    pub fn with_tls(mut self, tls: NbdTls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Overrides the per-connection in-flight limits (requests, payload bytes). The byte
@@ -230,12 +331,13 @@ impl<E: Exports> NbdServer<E> {
 
     async fn handle_inner<S>(
         self: Arc<Self>,
-        mut stream: S,
+        stream: S,
         mut stop: Option<watch::Receiver<bool>>,
     ) -> Result<(), NbdError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let mut stream = MaybeTls::Plain(stream);
         let negotiated = tokio::select! {
             r = tokio::time::timeout(self.handshake_timeout, self.handshake(&mut stream)) => {
                 match r {
@@ -256,7 +358,10 @@ impl<E: Exports> NbdServer<E> {
     // -----------------------------------------------------------------------------------------
 
     /// Runs option negotiation. `Ok(None)` means the client aborted cleanly.
-    async fn handshake<S>(&self, stream: &mut S) -> Result<Option<Session<E::Device>>, NbdError>
+    async fn handshake<S>(
+        &self,
+        stream: &mut MaybeTls<S>,
+    ) -> Result<Option<Session<E::Device>>, NbdError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -303,7 +408,48 @@ impl<E: Exports> NbdServer<E> {
             stream.read_exact(&mut data).await?;
             debug!(opt, len, "nbd: option");
 
+            let tls_required = self
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.mode == TlsMode::Required);
+            if tls_required && !stream.is_tls() && opt != OPT_STARTTLS && opt != OPT_ABORT {
+                if opt == OPT_EXPORT_NAME {
+                    // No reply is possible to EXPORT_NAME but the export itself.
+                    return Err(protocol("EXPORT_NAME before STARTTLS on a TLS-only server"));
+                }
+                send_opt_reply(
+                    stream,
+                    opt,
+                    REP_ERR_TLS_REQD,
+                    b"TLS required: STARTTLS first",
+                )
+                .await?;
+                continue;
+            }
             match opt {
+                OPT_STARTTLS => {
+                    let Some(NbdTls { config, .. }) = &self.tls else {
+                        send_opt_reply(stream, opt, REP_ERR_UNSUP, b"no TLS here").await?;
+                        continue;
+                    };
+                    if stream.is_tls() || !data.is_empty() {
+                        send_opt_reply(stream, opt, REP_ERR_INVALID, b"STARTTLS not valid here")
+                            .await?;
+                        continue;
+                    }
+                    send_opt_reply(stream, opt, REP_ACK, &[]).await?;
+                    let MaybeTls::Plain(plain) = std::mem::replace(stream, MaybeTls::Upgrading)
+                    else {
+                        return Err(protocol("STARTTLS on a connection that is not plain"));
+                    };
+                    let tls = tokio_rustls::TlsAcceptor::from(config())
+                        .accept(plain)
+                        .await?;
+                    *stream = MaybeTls::Tls(Box::new(tls));
+                    // Options negotiated before the upgrade do not carry over.
+                    state = OptState::default();
+                    debug!("nbd: TLS established");
+                }
                 OPT_EXPORT_NAME => {
                     let name = String::from_utf8(data)
                         .map_err(|_| protocol("export name is not UTF-8"))?;

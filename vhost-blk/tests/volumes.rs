@@ -604,6 +604,103 @@ async fn volumes_over_nbd_with_real_clients() {
     assert!(!Path::new(&cl.nodes[0].disks[0].join("extents").join(&volume_id)).exists());
 }
 
+/// Client credentials as GnuTLS (qemu, libnbd) reads them: `ca-cert.pem`, `client-cert.pem`,
+/// `client-key.pem`, from a TLS folder `sov cert issue` made (and the CA to trust).
+fn gnutls_creds(tls: &std::path::Path, ca: &std::path::Path, out: &std::path::Path) {
+    std::fs::create_dir_all(out).unwrap();
+    std::fs::copy(ca, out.join("ca-cert.pem")).unwrap();
+    std::fs::copy(tls.join("cert.pem"), out.join("client-cert.pem")).unwrap();
+    std::fs::copy(tls.join("key.pem"), out.join("client-key.pem")).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nbd_over_tls_with_qemu_and_libnbd() {
+    use sov_common::tls::{NodeIdentity, Role};
+    let dir = TestDir::new("volumes-nbd-tls");
+    let cl = cluster_with_pool(&dir, "vols", 8).await;
+    let _vb = VhostBlk::start(
+        &dir.path().join("vb1"),
+        &cl.metad.addr,
+        "vhost-blk-1",
+        &["--nbd-tls", "required"],
+    )
+    .expect("vhost-blk");
+    let sov = Sov {
+        metad: cl.metad.addr.clone(),
+    };
+    sov.json(&[
+        "volume", "create", "tv", "--size", "16MiB", "--pool", "vols",
+    ]);
+    let uri = sov.attach("tv");
+    let hostport = uri
+        .trim_start_matches("nbd://")
+        .trim_end_matches("/tv")
+        .to_string();
+    let (host, port) = hostport.rsplit_once(':').unwrap();
+
+    // A plain client is refused before any export name or data crosses the wire.
+    let (ok, text) = run("nbdinfo", &["--size", &uri]);
+    assert!(!ok, "a plain NBD client was served: {text}");
+
+    // libnbd and qemu with a certificate of the cluster CA.
+    let pki = sov_testkit::pki();
+    let user = pki
+        .issue(Role::Admin, None, "nbd-user", &dir.path().join("nbd-user"))
+        .unwrap();
+    let creds = dir.path().join("gnutls");
+    gnutls_creds(&user, &pki.ca().ca_pem_path(), &creds);
+    let tls_uri = format!("nbds://{hostport}/tv?tls-certificates={}", creds.display());
+    let size = must("nbdinfo", &["--size", &tls_uri]);
+    assert_eq!(size.trim(), (16 * MIB).to_string());
+    let object = format!(
+        "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+        creds.display()
+    );
+    let image = format!(
+        "driver=nbd,server.type=inet,server.host={host},server.port={port},export=tv,tls-creds=tls0"
+    );
+    let text = must(
+        "qemu-io",
+        &[
+            "--object",
+            &object,
+            "--image-opts",
+            &image,
+            "-c",
+            "write -P 0x5a 0 1M",
+            "-c",
+            "read -P 0x5a 0 1M",
+        ],
+    );
+    assert!(
+        !text.contains("Pattern verification failed") && !text.contains("failed:"),
+        "{text}"
+    );
+
+    // A client certificate from another CA is refused (it trusts our CA, we do not trust its).
+    let other = sov_common::pki::Ca::init(&dir.path().join("other-ca")).unwrap();
+    let forged = dir.path().join("forged-tls");
+    other
+        .issue_into(
+            &sov_common::pki::CertRequest::node(
+                NodeIdentity::new(Role::Admin, None, "mallory").unwrap(),
+            ),
+            &forged,
+        )
+        .unwrap();
+    let forged_creds = dir.path().join("gnutls-forged");
+    gnutls_creds(&forged, &pki.ca().ca_pem_path(), &forged_creds);
+    let forged_uri = format!(
+        "nbds://{hostport}/tv?tls-certificates={}",
+        forged_creds.display()
+    );
+    let (ok, text) = run("nbdinfo", &["--size", &forged_uri]);
+    assert!(
+        !ok,
+        "a client with another CA's certificate was served: {text}"
+    );
+}
+
 fn yes_pattern(word: &str, len: usize) -> Vec<u8> {
     format!("{word}\n").bytes().cycle().take(len).collect()
 }
