@@ -15,6 +15,7 @@ mod s3client;
 mod sector;
 mod storaged;
 mod suite;
+mod tls;
 
 use std::process::ExitCode;
 
@@ -48,6 +49,9 @@ enum Command {
     /// 4 KiB volume sector sealing: AES-256-GCM (what volumes use) against AES-256-XTS plus
     /// blake3, seal and open-with-verification, on one core.
     SectorCrypto(sector::Args),
+    /// Mutual TLS between daemons: a loopback stream against plain TCP, and handshakes with
+    /// X25519MLKEM768 against X25519.
+    Tls(tls::Args),
     /// S3 throughput by object size (4 KiB to 256 MiB) and by concurrency (1 to 128) through
     /// sov's gateway, against s3s-fs, Ceph RGW and any endpoint given with --compare.
     S3(Box<s3::Args>),
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
         Command::Recovery(args) => datapath::run_recovery(args),
         Command::FillIndex(args) => fill::run(args),
         Command::SectorCrypto(args) => sector::run(args),
+        Command::Tls(args) => tls::run(args),
         Command::S3(args) => s3::run(*args),
         Command::Scaling(args) => s3::run_scaling(args),
         Command::Suite(args) => suite::run_suite(args),

@@ -24,6 +24,7 @@ const ORDER: &[&str] = &[
     "recovery",
     "codec",
     "sector-crypto",
+    "tls",
 ];
 
 #[derive(Debug, Parser)]
@@ -206,6 +207,7 @@ fn steps(args: &SuiteArgs) -> Vec<Step> {
         &bench,
         s(&["sector-crypto", "--results", &res("sector-crypto")]),
     );
+    add("tls", &bench, s(&["tls", "--results", &res("tls")]));
     out
 }
 

@@ -7,26 +7,15 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::{client, payload};
 use serde_json::Value;
 use sov_client::PutOptions;
 use sov_proto::metad::{CreateAccessKeyRequest, GetAccessKeyRequest, GetObjectRequest};
-use sov_testkit::{DataCluster, TestDir, bin_path, pki};
+use sov_testkit::{DataCluster, TestDir, sov_ok};
 
 fn master_key_status(metad: &str, verb: &str) -> Value {
-    let out = Command::new(bin_path("sov"))
-        .envs(pki().cli_env())
-        .args(["--output", "json", "master-key", verb, "--metad", metad])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "sov master-key {verb}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let out = sov_ok(&["--output", "json", "master-key", verb, "--metad", metad]);
+    serde_json::from_str(&out).unwrap()
 }
 
 fn private_key_file(path: &std::path::Path, hex64: &str) {
@@ -117,18 +106,16 @@ async fn rotating_the_master_key_keeps_every_object_and_secret_readable() {
 
     // A bucket's data key rotated: new objects are sealed with the new key, old ones keep
     // theirs and read as before.
-    let out = Command::new(bin_path("sov"))
-        .envs(pki().cli_env())
-        .args(["--output", "json", "bucket", "rotate-key", "rot-a"])
-        .args(["--metad", &cl.metad.addr])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let new_key = serde_json::from_slice::<Value>(&out.stdout).unwrap()["data_key_id"]
+    let out = sov_ok(&[
+        "--output",
+        "json",
+        "bucket",
+        "rotate-key",
+        "rot-a",
+        "--metad",
+        &cl.metad.addr,
+    ]);
+    let new_key = serde_json::from_str::<Value>(&out).unwrap()["data_key_id"]
         .as_str()
         .unwrap()
         .to_string();

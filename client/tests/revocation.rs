@@ -3,7 +3,6 @@
 //! hand): within seconds both refuse the revoked certificate, on a connection opened before
 //! and on new ones, while other certificates are still served.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sov_common::tls::{self, Role};
@@ -11,7 +10,7 @@ use sov_proto::metad::GetClusterMapRequest;
 use sov_proto::metad::metad_client::MetadClient;
 use sov_proto::storaged::NodeInfoRequest;
 use sov_proto::storaged::chunk_store_client::ChunkStoreClient;
-use sov_testkit::{DataCluster, TestDir, bin_path, pki};
+use sov_testkit::{DataCluster, TestDir, pki, sov_ok};
 use tonic::transport::{Channel, Endpoint};
 
 fn ep(addr: &str) -> Endpoint {
@@ -50,18 +49,16 @@ async fn a_certificate_revoked_in_metad_is_refused_everywhere() {
     a.expect("storaged serves the gateway");
     b.expect("metad serves the gateway");
 
-    let out = Command::new(bin_path("sov"))
-        .envs(pki().cli_env())
-        .args(["cert", "revoke", &serial, "--ca"])
-        .arg(pki().ca().dir())
-        .args(["--metad", &cl.metad.addr])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let ca = pki().ca().dir().display().to_string();
+    sov_ok(&[
+        "cert",
+        "revoke",
+        &serial,
+        "--ca",
+        &ca,
+        "--metad",
+        &cl.metad.addr,
+    ]);
 
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

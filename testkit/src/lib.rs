@@ -358,6 +358,22 @@ impl Pki {
     }
 }
 
+/// Runs the `sov` CLI as this test's operator (the test CA's `admin` certificate) and returns
+/// its standard output; panics with its standard error when it fails.
+pub fn sov_ok(args: &[&str]) -> String {
+    let out = Command::new(bin_path("sov"))
+        .envs(pki().cli_env())
+        .args(args)
+        .output()
+        .expect("running sov");
+    assert!(
+        out.status.success(),
+        "sov {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 /// The value after `flag` in `args` (the last one wins, as clap does).
 fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
     args.windows(2)
