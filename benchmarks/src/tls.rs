@@ -128,13 +128,12 @@ async fn handshakes(
         s.write_all(b"h").await?;
         let mut b = [0u8; 1];
         s.read_exact(&mut b).await?;
-        group = format!(
-            "{:?}",
-            s.get_ref()
-                .1
-                .negotiated_key_exchange_group()
-                .map(|g| g.name())
-        );
+        group = s
+            .get_ref()
+            .1
+            .negotiated_key_exchange_group()
+            .map(|g| format!("{:?}", g.name()))
+            .unwrap_or_else(|| "none".into());
     }
     let took = t.elapsed();
     srv.await??;
