@@ -234,7 +234,10 @@ pub async fn keep_crl_current(meta: MetaClient) {
     loop {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let r = meta
-            .call(|mut c| async move { c.get_crl(sov_proto::metad::GetCrlRequest {}).await })
+            .call(|mut c| async move {
+                c.get_crl(sov_proto::metad::GetCrlRequest { newer_than: last })
+                    .await
+            })
             .await;
         match r {
             Ok(crl) if crl.number > last && !crl.der.is_empty() => {

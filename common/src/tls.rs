@@ -21,7 +21,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -267,7 +268,7 @@ struct Built {
     /// For clients outside sov (NBD): TLS 1.2 and 1.3, a client certificate of the CA.
     block: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
-    crl: Option<webpki::OwnedCertRevocationList>,
+    crl: Option<webpki::CertRevocationList<'static>>,
     stamp: Vec<Option<SystemTime>>,
 }
 
@@ -276,7 +277,9 @@ pub struct TlsContext {
     files: TlsFiles,
     identity: NodeIdentity,
     built: RwLock<Built>,
-    checked: Mutex<Instant>,
+    /// When the files were last looked at, in ms since `born` (a request's check is a load).
+    checked_ms: AtomicU64,
+    born: Instant,
 }
 
 impl fmt::Debug for TlsContext {
@@ -321,7 +324,10 @@ fn build(files: &TlsFiles) -> anyhow::Result<(Built, NodeIdentity)> {
         Ok(der) => {
             let owned = webpki::OwnedCertRevocationList::from_der(&der)
                 .map_err(|e| anyhow::anyhow!("bad CRL {}: {e}", files.crl.display()))?;
-            (vec![CertificateRevocationListDer::from(der)], Some(owned))
+            (
+                vec![CertificateRevocationListDer::from(der)],
+                Some(webpki::CertRevocationList::from(owned)),
+            )
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => (Vec::new(), None),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", files.crl.display())),
@@ -375,7 +381,8 @@ impl TlsContext {
             files,
             identity,
             built: RwLock::new(built),
-            checked: Mutex::new(Instant::now()),
+            checked_ms: AtomicU64::new(0),
+            born: Instant::now(),
         }))
     }
 
@@ -387,12 +394,15 @@ impl TlsContext {
     /// broken new set is logged and the old one kept; a certificate for another identity is
     /// refused.
     pub fn refresh(&self) {
+        let now = self.born.elapsed().as_millis() as u64;
+        let last = self.checked_ms.load(Ordering::Relaxed);
+        if now < last + RELOAD_CHECK.as_millis() as u64
+            || self
+                .checked_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
         {
-            let mut at = self.checked.lock().expect("tls check lock");
-            if at.elapsed() < RELOAD_CHECK {
-                return;
-            }
-            *at = Instant::now();
+            return;
         }
         if self.built.read().expect("tls lock").stamp == self.files.stamp() {
             return;
@@ -443,9 +453,12 @@ impl TlsContext {
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.files.cert)
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", self.files.cert.display()))?;
+        let Some((leaf, rest)) = chain.split_first() else {
+            bail!("{} holds no certificate", self.files.cert.display());
+        };
         let name = ServerName::try_from(self.identity.role.dns_name())?;
         let now = rustls_pki_types::UnixTime::now();
-        match v.verify_server_cert(&chain[0], &chain[1..], &name, &[], now) {
+        match v.verify_server_cert(leaf, rest, &name, &[], now) {
             Ok(_) => Ok(()),
             Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)) => Ok(()),
             Err(e) => bail!("the CRL does not check out against this cluster's CA: {e}"),
@@ -479,9 +492,9 @@ impl TlsContext {
     pub fn is_revoked(&self, serial: &[u8]) -> bool {
         self.refresh();
         let b = self.built.read().expect("tls lock");
-        let Some(crl) = &b.crl else { return false };
-        let crl = webpki::CertRevocationList::from(crl.clone());
-        matches!(crl.find_serial(serial), Ok(Some(_)))
+        b.crl
+            .as_ref()
+            .is_some_and(|crl| matches!(crl.find_serial(serial), Ok(Some(_))))
     }
 }
 

@@ -36,12 +36,13 @@ fn forwarded<T>(req: &Request<T>) -> bool {
     req.metadata().contains_key(FORWARDED)
 }
 
-/// The request as passed on to the leader: marked forwarded, with its original caller.
-fn forward_request<T>(inner: T, origin: &crate::audit::Origin) -> Request<T> {
+/// The request as passed on to the leader: marked forwarded, with its original caller when
+/// the leader will audit it.
+fn forward_request<T>(inner: T, origin: Option<&crate::audit::Origin>) -> Request<T> {
     let mut r = Request::new(inner);
     r.metadata_mut()
         .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-    if let Ok(v) = origin.header().parse() {
+    if let Some(v) = origin.and_then(|o| o.header().parse().ok()) {
         r.metadata_mut().insert(crate::audit::ORIGIN_HEADER, v);
     }
     r
@@ -91,8 +92,9 @@ macro_rules! handle {
     };
     (@run $self:ident, $req:ident, $method:literal, $call:ident, $local:expr, $target:expr, $body:expr) => {{
         let start = Instant::now();
-        let origin = crate::audit::Origin::of(&$req);
         let target: Option<String> = $target;
+        // Only audited calls need their caller named (the rest are counted, not recorded).
+        let origin = target.as_ref().map(|_| crate::audit::Origin::of(&$req));
         let mut passed_on = false;
         let r = async {
             if !$local {
@@ -100,7 +102,7 @@ macro_rules! handle {
                     passed_on = true;
                     $self.core.metrics.forwarded.with_label_values(&[$method]).inc();
                     return tokio::select! {
-                        r = c.$call(forward_request($req.into_inner(), &origin)) => r.map(|r| r.into_inner()),
+                        r = c.$call(forward_request($req.into_inner(), origin.as_ref())) => r.map(|r| r.into_inner()),
                         _ = $self.core.leader_changed(leader) => Err(abandoned($method)),
                     };
                 }
@@ -108,11 +110,11 @@ macro_rules! handle {
             $body
         }
         .await;
-        if let Some(t) = target
+        if let (Some(t), Some(o)) = (target, origin)
             && !passed_on
         {
             $self
-                .audit(crate::audit::record(&origin, $method, &t, r.as_ref().map(|_| ())))
+                .audit(crate::audit::record(&o, $method, &t, r.as_ref().map(|_| ())))
                 .await;
         }
         $self.observe($method, start, r)
@@ -165,6 +167,7 @@ impl MetadService {
     /// by the key that opens them.
     async fn master_status(&self, rewrapped: u64) -> Result<MasterKeyStatusResponse, Status> {
         let current = Core::kid(self.core.master()?);
+        let members = self.member_master_keys(&current).await;
         let mut by_kid: std::collections::HashMap<String, u64> = Default::default();
         for (prefix, aad_of) in [
             (tables::AKEY_PREFIX, access_key_aad as fn(&str) -> Vec<u8>),
@@ -186,6 +189,17 @@ impl MetadService {
                 *by_kid.entry(kid).or_default() += 1;
             }
         }
+        Ok(MasterKeyStatusResponse {
+            current_kid: current,
+            records_by_kid: by_kid,
+            members,
+            rewrapped,
+        })
+    }
+
+    /// Each member's current and held master key ids (this one's own, the others' from
+    /// their Status; an unreachable member has `error` set).
+    async fn member_master_keys(&self, current: &str) -> Vec<MemberMasterKeys> {
         let membership: Vec<(u64, String)> = {
             let m = self.core.raft.metrics();
             let m = m.borrow();
@@ -200,7 +214,7 @@ impl MetadService {
             if id == self.core.id {
                 members.push(MemberMasterKeys {
                     id,
-                    current_kid: current.clone(),
+                    current_kid: current.to_string(),
                     held_kids: self.core.masters().map(Core::kid).collect(),
                     error: String::new(),
                 });
@@ -227,12 +241,7 @@ impl MetadService {
                 },
             });
         }
-        Ok(MasterKeyStatusResponse {
-            current_kid: current,
-            records_by_kid: by_kid,
-            members,
-            rewrapped,
-        })
+        members
     }
 
     /// Appends a record to the audit log (on the leader, where the call ran). A record that
@@ -1871,9 +1880,15 @@ impl Metad for MetadService {
     async fn get_crl(&self, req: Request<GetCrlRequest>) -> Result<Response<CrlResponse>, Status> {
         // Any member's copy will do: the next poll catches up.
         handle!(self, req, "GetCrl", get_crl, local_ok = true, {
+            let number = self.crl_number()?;
+            let der = if number > req.get_ref().newer_than {
+                self.get(tables::CRL)?.unwrap_or_default()
+            } else {
+                Vec::new()
+            };
             Ok(CrlResponse {
-                der: self.get(tables::CRL)?.unwrap_or_default().into(),
-                number: self.crl_number()?,
+                der: der.into(),
+                number,
             })
         })
     }
@@ -2065,8 +2080,7 @@ impl Metad for MetadService {
                 let current = Core::kid(self.core.master()?);
                 // Every member must already open and seal with the new key, or a member
                 // that leads later could not unwrap what this one re-wraps.
-                let before = self.master_status(0).await?;
-                for m in &before.members {
+                for m in &self.member_master_keys(&current).await {
                     if m.current_kid != current {
                         return Err(Status::failed_precondition(format!(
                             "member {} runs with master key {:?}, not {current}{}: restart it \
@@ -2106,9 +2120,7 @@ impl Metad for MetadService {
                             .count() as u64;
                     }
                 }
-                let mut after = self.master_status(rewrapped).await?;
-                after.rewrapped = rewrapped;
-                Ok(after)
+                self.master_status(rewrapped).await
             }
         )
     }

@@ -118,6 +118,17 @@ impl MetadService {
         name: &str,
         change: impl Fn(&mut Volume) -> Result<(), Status>,
     ) -> Result<Volume, Status> {
+        self.update_volume_with(name, |v| change(v).map(|()| Vec::new()))
+            .await
+    }
+
+    /// Like [`Self::update_volume`], with more writes (returned by `change`) in the same
+    /// transaction.
+    async fn update_volume_with(
+        &self,
+        name: &str,
+        change: impl Fn(&mut Volume) -> Result<Vec<Op>, Status>,
+    ) -> Result<Volume, Status> {
         tables::validate_name("volume name", name).map_err(Status::invalid_argument)?;
         let mut confirmed = false;
         for _ in 0..RMW_TRIES {
@@ -129,17 +140,14 @@ impl MetadService {
                 }
                 return Err(no_such_volume(name));
             };
-            change(&mut v)?;
+            let more = change(&mut v)?;
             let key = tables::volume_key(name);
-            let failed = self
-                .txn(
-                    vec![(key.clone(), Check::Equals(raw))],
-                    vec![Op::Put {
-                        key,
-                        value: v.encode_to_vec(),
-                    }],
-                )
-                .await?;
+            let mut ops = vec![Op::Put {
+                key: key.clone(),
+                value: v.encode_to_vec(),
+            }];
+            ops.extend(more);
+            let failed = self.txn(vec![(key, Check::Equals(raw))], ops).await?;
             if failed.is_none() {
                 return Ok(v);
             }
@@ -374,43 +382,20 @@ impl MetadService {
     /// A new data key for the volume's sectors from its next lease epoch on; the current
     /// holder (if any) keeps the old key for its epoch.
     pub(crate) async fn rotate_volume_key(&self, name: &str) -> Result<Volume, Status> {
-        tables::validate_name("volume name", name).map_err(Status::invalid_argument)?;
-        self.core.linearize().await?;
-        for _ in 0..RMW_TRIES {
-            let (raw, mut v) = self
-                .read_volume(name)?
-                .ok_or_else(|| no_such_volume(name))?;
+        self.update_volume_with(name, |v| {
             let (key_id, _, dkey) = self.new_data_key(&format!("volume:{name}"))?;
-            let from = v.lease.as_ref().map(|l| l.epoch).unwrap_or(0) + 1;
             let old = VolumeKey {
                 data_key_id: std::mem::replace(&mut v.data_key_id, key_id.clone()),
                 from_epoch: v.key_from_epoch,
             };
             v.older_keys.push(old);
-            v.key_from_epoch = from;
-            let key = tables::volume_key(name);
-            let failed = self
-                .txn(
-                    vec![(key.clone(), Check::Equals(raw))],
-                    vec![
-                        Op::Put {
-                            key,
-                            value: v.encode_to_vec(),
-                        },
-                        Op::Put {
-                            key: tables::dkey_key(&key_id),
-                            value: dkey,
-                        },
-                    ],
-                )
-                .await?;
-            if failed.is_none() {
-                return Ok(v);
-            }
-        }
-        Err(Status::aborted(format!(
-            "volume {name} kept changing; retry"
-        )))
+            v.key_from_epoch = v.lease.as_ref().map(|l| l.epoch).unwrap_or(0) + 1;
+            Ok(vec![Op::Put {
+                key: tables::dkey_key(&key_id),
+                value: dkey,
+            }])
+        })
+        .await
     }
 
     pub(crate) async fn create_snapshot(&self, r: CreateSnapshotRequest) -> Result<Volume, Status> {

@@ -384,21 +384,11 @@ async fn setup(
 
 /// The cluster's master key file, created (random, mode 0600) on first start.
 fn master_key(data: &std::path::Path) -> Result<PathBuf, CliError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = data.join("master.key");
-    if path.exists() {
-        return Ok(path);
+    if !path.exists() {
+        let key: [u8; 32] = rand::random();
+        write_private(&path, format!("{}\n", hex::encode(key)).as_bytes())?;
     }
-    let key: [u8; 32] = rand::random();
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| CliError::new(1, format!("cannot create {}: {e}", path.display())))?;
-    writeln!(f, "{}", hex::encode(key))
-        .map_err(|e| CliError::new(1, format!("cannot write {}: {e}", path.display())))?;
     Ok(path)
 }
 
