@@ -95,16 +95,29 @@ async fn flipped_bytes_never_reach_a_reader_and_scrub_heals_them() {
     // Damage stays within what the pools survive: two nodes per round, so every stripe keeps
     // at least k = 4 good shards and every chunk a good copy.
     // Round 1: nobody reads; scrub finds the damage and recovery rewrites it from peers.
+    // Scrub must have gone over all of both damaged disks (two passes more than at the flip:
+    // one of them started after it) before the round ends, or damage it had not reached yet
+    // would meet round 2's on the same chunk.
+    let passes = |i: usize| {
+        http_get(&cl.nodes[i].metrics_url())
+            .ok()
+            .and_then(|t| metric_value(&t, "storaged_scrub_passes_total", ""))
+            .unwrap_or(0.0)
+    };
     let mut flipped = 0;
+    let mut scrubbed_after = Vec::new();
     for i in [0, 2] {
+        scrubbed_after.push((i, passes(i) + 2.0));
         flipped += flip_bytes(&cl.nodes[i].disks[0], 6);
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
+        // Coverage first: what those passes found is then in the counts below.
+        let covered = scrubbed_after.iter().all(|&(i, want)| passes(i) >= want);
         let found = metric_sum(&cl, "storaged_corrupt_chunks_found_total", "scrub");
         let healed = metric_sum(&cl, "storaged_repair_chunks_total", "heal");
         let open = corrupt_total(&c).await;
-        if found > 0.0 && healed > 0.0 && open == 0 {
+        if found > 0.0 && healed > 0.0 && open == 0 && covered {
             println!(
                 "round 1: {flipped} bytes flipped, scrub found {found} bad chunks, recovery healed {healed}"
             );

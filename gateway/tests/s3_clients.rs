@@ -25,6 +25,11 @@ struct Up {
 }
 
 fn start_up(data: &Path, ports: &[String]) -> Up {
+    try_start_up(data, ports).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Starts `sov up`; `Err` with its log when it exits before writing cluster.json.
+fn try_start_up(data: &Path, ports: &[String]) -> Result<Up, String> {
     let cluster = data.join("cluster.json");
     let _ = std::fs::remove_file(&cluster);
     let mut args: Vec<String> = vec!["up".into(), "--data".into(), data.display().to_string()];
@@ -51,7 +56,7 @@ fn start_up(data: &Path, ports: &[String]) -> Up {
             break v;
         }
         if let Some(s) = proc.try_wait() {
-            panic!("sov up exited ({s}): {}", proc.log_tail(40));
+            return Err(format!("sov up exited ({s}): {}", proc.log_tail(40)));
         }
         assert!(
             Instant::now() < deadline,
@@ -75,7 +80,7 @@ fn start_up(data: &Path, ports: &[String]) -> Up {
         .find(|m| m.contains(&format!(":{gw_port}/")))
         .unwrap_or_default()
         .to_string();
-    Up {
+    Ok(Up {
         proc,
         endpoint: s("s3_endpoint"),
         access_key: s("access_key"),
@@ -87,7 +92,7 @@ fn start_up(data: &Path, ports: &[String]) -> Up {
         gateway_metrics,
         ca_bundle: s("ca_bundle"),
         tls_dir: s("tls_dir"),
-    }
+    })
 }
 
 /// GET over HTTPS trusting only `ca` (python's ssl, as no other client is at hand).
@@ -165,26 +170,39 @@ fn same_tree(a: &Path, b: &Path) {
 #[test]
 fn aws_cli_and_boto3_against_sov_up() {
     let dir = TestDir::new("s3-clients");
-    let data = dir.path().join("cluster");
-    let ports: Vec<String> = vec![
-        "--metad-port".into(),
-        free_port().to_string(),
-        "--metad-metrics-port".into(),
-        free_port().to_string(),
-        "--storaged-base-port".into(),
-        free_port_range(3).to_string(),
-        "--metrics-base-port".into(),
-        free_port_range(3).to_string(),
-        "--s3-port".into(),
-        free_port().to_string(),
-        "--gateway-metrics-port".into(),
-        free_port().to_string(),
-        "--nbd-port".into(),
-        free_port().to_string(),
-        "--vhost-blk-metrics-port".into(),
-        free_port().to_string(),
-    ];
-    let mut up = start_up(&data, &ports);
+    let fresh_ports = || -> Vec<String> {
+        vec![
+            "--metad-port".into(),
+            free_port().to_string(),
+            "--metad-metrics-port".into(),
+            free_port().to_string(),
+            "--storaged-base-port".into(),
+            free_port_range(3).to_string(),
+            "--metrics-base-port".into(),
+            free_port_range(3).to_string(),
+            "--s3-port".into(),
+            free_port().to_string(),
+            "--gateway-metrics-port".into(),
+            free_port().to_string(),
+            "--nbd-port".into(),
+            free_port().to_string(),
+            "--vhost-blk-metrics-port".into(),
+            free_port().to_string(),
+        ]
+    };
+    // A port picked free can be taken by another test's daemon before `sov up` binds it:
+    // then start again on other ports (and a new folder: metad remembers its address).
+    let (data, ports, mut up) = (1..=3)
+        .find_map(|attempt| {
+            let data = dir.path().join(format!("cluster-{attempt}"));
+            let ports = fresh_ports();
+            match try_start_up(&data, &ports) {
+                Ok(up) => Some((data, ports, up)),
+                Err(e) if e.contains("Address already in use") && attempt < 3 => None,
+                Err(e) => panic!("{e}"),
+            }
+        })
+        .expect("sov up started");
     assert!(up.endpoint.starts_with("https://"), "{}", up.endpoint);
     // Plain HTTP to the HTTPS endpoint gets no S3 answer.
     let plain = up.endpoint.replacen("https://", "http://", 1);
